@@ -1,0 +1,55 @@
+"""What every launch script shares: `--config`/`--help`/`--debug` handling and one-line errors."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from dist_gpt.config import Config, help_text, load_config
+from dist_gpt.errors import UserError
+
+
+def main(fn: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
+    """Run `fn(args)`; a UserError (or a bad-input OSError) becomes one line on stderr and exit code 2.
+
+    `--debug` (or DIST_GPT_DEBUG=1) shows the full traceback instead.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("DIST_GPT_DEBUG") == "1"
+    args = [a for a in args if a != "--debug"]
+    try:
+        fn(args)
+    except UserError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+def parse_stage_args(args: list[str], stage: str, usage: str, default_config: str | None = None) -> Config:
+    """`[--config FILE] [--section.key=value ...]` for a stage; `--help` prints usage and every key."""
+    if "-h" in args or "--help" in args:
+        print(usage.strip() + "\n\nconfig keys (--section.key=value, default shown):" + help_text(stage))
+        sys.exit(0)
+    config_file = default_config
+    rest = []
+    i = 0
+    while i < len(args):
+        if args[i] == "--config":
+            if i + 1 >= len(args):
+                raise UserError("--config needs a file: --config configs/NAME.yaml")
+            config_file = args[i + 1]
+            i += 2
+        elif args[i].startswith("--config="):
+            config_file = args[i].split("=", 1)[1]
+            i += 1
+        else:
+            rest.append(args[i])
+            i += 1
+    return load_config(config_file, rest, stage)
