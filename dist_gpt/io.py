@@ -25,8 +25,8 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _disk_error(path: Path, e: OSError) -> UserError:
-    if e.errno == errno.ENOSPC:
+def disk_error(path: Path, e: OSError) -> UserError:
+    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return UserError(f"disk full while writing {path}: free space on that filesystem or point the output elsewhere")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return UserError(f"cannot write {path}: permission denied; choose a writable location")
@@ -39,7 +39,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise _disk_error(path.parent, e) from None
+        raise disk_error(path.parent, e) from None
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
@@ -49,7 +49,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         fsync_dir(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise _disk_error(path, e) from None
+        raise disk_error(path, e) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -1,0 +1,112 @@
+"""What a run reports: `metrics.jsonl`, `samples.jsonl`, W&B (through Accelerate) and the progress bar.
+
+Only the main process writes. `metrics.jsonl` is enough to plot a run; W&B is optional and never
+touches the network without credentials (it then runs offline into RUN_DIR/wandb).
+"""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from dist_gpt.io import atomic_write_text
+
+
+def log(msg: str) -> None:
+    """A status line for humans: stderr, so stdout stays clean for data."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def wandb_mode_for(run_dir: Path) -> str:
+    """Decide how W&B runs without ever prompting: the user's WANDB_MODE, online with credentials, else offline."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode
+    has_key = bool(os.environ.get("WANDB_API_KEY"))
+    if not has_key:
+        try:
+            has_key = netrc.netrc().authenticators("api.wandb.ai") is not None
+        except (FileNotFoundError, netrc.NetrcParseError, OSError):
+            has_key = False
+    if has_key:
+        return "online"
+    os.environ["WANDB_MODE"] = "offline"
+    log(f"W&B: no credentials found, logging offline into {run_dir}/wandb (upload later with `wandb sync`; --log.wandb=false turns it off)")
+    return "offline"
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep only the records of steps <= last_step (a resumed run rewrites what came after its checkpoint)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break  # a torn last line from a killed run
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+class Tracker:
+    """Metrics and samples to JSONL files and W&B, plus the progress bar. A no-op off the main process."""
+
+    def __init__(self, accelerator, run_dir: Path, cfg, start_step: int, max_steps: int, wandb_id: str | None):
+        self.accelerator = accelerator
+        self.main = accelerator.is_main_process
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.samples_path = run_dir / "samples.jsonl"
+        self.use_wandb = cfg.log.wandb
+        self.sample_rows: list[list[Any]] = []
+        if self.main:
+            _truncate_jsonl(self.metrics_path, start_step)
+            _truncate_jsonl(self.samples_path, start_step)
+        if self.use_wandb:
+            if self.main:
+                os.environ.setdefault("WANDB_DIR", str(run_dir))
+                wandb_mode_for(run_dir)
+            init = {"wandb": {"name": cfg.log.run_name or run_dir.name, "id": wandb_id, "resume": "allow", "dir": str(run_dir)}}
+            accelerator.init_trackers(cfg.log.project, config=cfg.to_dict(), init_kwargs=init)
+        self.bar = tqdm(total=max_steps, initial=start_step, disable=not (self.main and cfg.log.progress), unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.use_wandb:
+            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def sample(self, step: int, prompt: str, text: str) -> None:
+        if not self.main:
+            return
+        with open(self.samples_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "prompt": prompt, "text": text}, ensure_ascii=False) + "\n")
+        if self.use_wandb:
+            import wandb
+
+            self.sample_rows.append([step, text])
+            run = self.accelerator.get_tracker("wandb", unwrap=True)
+            run.log({"samples": wandb.Table(columns=["step", "text"], data=self.sample_rows)}, step=step)
+
+    def progress(self, step: int, **postfix: Any) -> None:
+        self.bar.n = step
+        self.bar.set_postfix(postfix, refresh=True)
+
+    def write(self, msg: str) -> None:
+        """A status line from the main process that does not break the progress bar."""
+        if self.main:
+            self.bar.write(msg, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.use_wandb:
+            self.accelerator.end_training()

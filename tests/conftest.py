@@ -1,0 +1,56 @@
+"""Test environment: never touch the network, never prompt, one thread per process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_HF_HOME = tempfile.mkdtemp(prefix="dist_gpt_hf_")
+for key, value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HOME": _HF_HOME,
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+}.items():
+    os.environ.setdefault(key, value)
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DIST_GPT_SHARED", REPO.parent / "shared"))
+SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
+SONNETS = SHARED / "data" / "sonnets" / "sonnets_gut.txt"
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> Path:
+    if not SHAKESPEARE.is_file():
+        pytest.fail(f"Tiny Shakespeare not found at {SHAKESPEARE}; set DIST_GPT_SHARED to the folder holding data/")
+    return SHAKESPEARE
+
+
+@pytest.fixture(scope="session")
+def sonnets() -> Path:
+    if not SONNETS.is_file():
+        pytest.fail(f"the Sonnets not found at {SONNETS}; set DIST_GPT_SHARED to the folder holding data/")
+    return SONNETS
+
+
+def run_script(script: str, *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run `launch/<script>` as a user would (python, or a launcher such as accelerate); capture its output."""
+    cmd = [*(launcher or [sys.executable]), str(REPO / "launch" / script), *args]
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(cmd, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
