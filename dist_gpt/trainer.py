@@ -8,6 +8,7 @@ resumable state (optimizer, scheduler, loss scaler, every rank's RNG, the data p
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -78,17 +79,21 @@ def make_accelerator(cfg: Config) -> Accelerator:
     )
     cfg.train.mixed_precision = precision
     cfg.train.compile = "true" if compile_on else "false"
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != launched:
-        raise UserError(
-            f"the launcher started {launched} processes but they did not join one group (Accelerate sees {accelerator.num_processes}); "
-            "on a machine without CUDA launch with `accelerate launch --config_file configs/accelerate/cpu.yaml` or set ACCELERATE_USE_CPU=1"
-        )
+    check_world_size(int(os.environ.get("WORLD_SIZE", "1")), accelerator.num_processes)
     if not cuda:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
         threads = int(user_threads) if user_threads else max(1, len(os.sched_getaffinity(0)) // local)
         torch.set_num_threads(threads)
     return accelerator
+
+
+def check_world_size(launched: int, joined: int) -> None:
+    """The launcher's WORLD_SIZE must be the group Accelerate formed (a GPU-less MULTI_GPU launch silently gives N lone trainings)."""
+    if joined != launched:
+        raise UserError(
+            f"the launcher started {launched} processes but they did not join one group (Accelerate sees {joined}); "
+            "on a machine without CUDA launch with `accelerate launch --config_file configs/accelerate/cpu.yaml` or set ACCELERATE_USE_CPU=1"
+        )
 
 
 def on_main(accelerator: Accelerator, fn: Callable[[], Any]) -> Any:
@@ -512,7 +517,22 @@ class Trainer:
                 signal.signal(sig, handler)
             tracker.close()
         log_main(f"done: {s['step']} steps, val loss {s['last_val_loss']:.4f} (best {s['best_val_loss']:.4f}), {s['elapsed_s']:.1f} s; model in {self.run.dir / 'model.safetensors'}")
+        self._check_replicas_agree()
         return s
+
+    def _check_replicas_agree(self) -> None:
+        """With replicated weights (DDP), every rank must end with the same bytes; say so, or warn loudly."""
+        if self.world == 1 or self.acc.distributed_type == DistributedType.FSDP:
+            return  # FSDP ranks hold different shards by design
+        h = hashlib.sha256()
+        for p in self.raw_model.parameters():
+            h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        digests = gather_object([h.hexdigest()])
+        if self.acc.is_main_process:
+            if len(set(digests)) == 1:
+                log(f"weights identical on all {self.world} ranks (sha256 {digests[0][:16]})")
+            else:
+                log(f"warning: the ranks ended with different weights ({', '.join(d[:16] for d in digests)}); please report this")
 
     def _eval_and_log(self, tracker: Tracker, record: dict[str, Any]) -> None:
         losses = self.evaluate()
