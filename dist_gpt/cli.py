@@ -6,6 +6,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from dist_gpt.config import Config, help_text, load_config
@@ -30,6 +31,15 @@ def main(fn: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+
+
+def config_path(name: str) -> str:
+    """A shipped config (`configs/NAME`), found from the working directory or from the repository holding this package."""
+    local = Path("configs") / name
+    return str(local if local.is_file() else Path(__file__).resolve().parents[1] / "configs" / name)
 
 
 def parse_stage_args(args: list[str], stage: str, usage: str, default_config: str | None = None) -> Config:

@@ -5,11 +5,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from dist_gpt.cli import parse_stage_args
+from dist_gpt.cli import config_path, parse_stage_args
 from dist_gpt.config import Config
 from dist_gpt.data import prepare
 from dist_gpt.errors import UserError
@@ -17,8 +15,6 @@ from dist_gpt.model import GPT
 from dist_gpt.tokenizers import load_tokenizer
 from dist_gpt.tracking import log
 from dist_gpt.trainer import Job, Trainer, make_accelerator, on_main, open_run
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 PRETRAIN_USAGE = """
 usage: accelerate launch launch/pretrain.py [--config FILE] [--section.key=value ...] [--debug]
@@ -32,12 +28,6 @@ Without --config: configs/shakespeare_char.yaml (the lecture model) on a GPU,
 configs/shakespeare_char_cpu.yaml otherwise. Offline, point at a local corpus with --data.source=PATH.
 --debug shows the full traceback of an error.
 """
-
-
-def config_path(name: str) -> str:
-    """A shipped config, found from the working directory or from the repository holding this package."""
-    local = Path("configs") / name
-    return str(local if local.is_file() else CONFIGS / name)
 
 
 def default_pretrain_config(args: list[str]) -> str | None:
@@ -62,7 +52,7 @@ def pretrain(args: list[str]) -> None:
     accelerator = make_accelerator(cfg)
     run = open_run(cfg, accelerator)
     try:
-        on_main(accelerator, lambda: prepare(cfg.data, data_dir=cfg.data_dir, log=log))
+        on_main(accelerator, lambda: prepare(cfg.data, data_dir=cfg.data_dir, block_size=cfg.model.block_size, log=log))
         tokenizer = load_tokenizer(cfg.data_dir / "tokenizer.json")
         resolve_vocab(cfg, tokenizer.vocab_size)
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank

@@ -3,7 +3,7 @@
 Pretrain and finetune do this themselves when the arrays are missing or stale; run it to prepare ahead.
 """
 
-from dist_gpt.cli import main, parse_stage_args
+from dist_gpt.cli import config_path, main, parse_stage_args
 from dist_gpt.data import prepare_from_config
 
 USAGE = """
@@ -19,7 +19,7 @@ settings does nothing; a changed source or setting rebuilds. Examples:
 
 
 def run(args: list[str]) -> None:
-    cfg = parse_stage_args(args, "prepare", USAGE, default_config="configs/shakespeare_char.yaml")
+    cfg = parse_stage_args(args, "prepare", USAGE, default_config=config_path("shakespeare_char.yaml"))
     prepare_from_config(cfg)
 
 
