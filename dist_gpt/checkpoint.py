@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 from dataclasses import dataclass
@@ -36,10 +37,21 @@ MANIFEST = "MANIFEST.json"
 # ----------------------------------------------------------------------------- weights
 
 
+def _save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with its I/O failures (a full disk) raised as the OSError they are."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
 def save_weights(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Write tensors as safetensors, atomically (contiguous CPU copies, so any state dict works)."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=metadata))
+    atomic_write(path, lambda tmp: _save_file(flat, tmp, metadata))
 
 
 def load_weights(path: str | Path, what: str = "weights file") -> dict[str, torch.Tensor]:
@@ -120,7 +132,7 @@ def write_checkpoint(run_dir: Path, step: int, tensors: dict[str, dict[str, torc
         tmp.mkdir()
         for name, state in tensors.items():
             flat = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-            _write_durable(tmp / name, lambda p, flat=flat: save_file(flat, str(p)))
+            _write_durable(tmp / name, lambda p, flat=flat: _save_file(flat, p))
         for name, obj in jsons.items():
             _write_durable(tmp / name, lambda p, obj=obj: p.write_text(json.dumps(obj)))
         files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
@@ -143,7 +155,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = run_dir / CHECKPOINTS
     if not root.is_dir():
         return []
-    return sorted((p for p in root.glob("step_*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+    steps = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(steps, key=lambda p: int(p.name[5:]), reverse=True)  # by number: step_1000000 is newer than step_999999
 
 
 def verify_checkpoint(path: Path) -> str | None:
@@ -168,12 +181,16 @@ def verify_checkpoint(path: Path) -> str | None:
 
 
 def find_resumable(run_dir: Path, warn) -> Path | None:
-    """The newest complete checkpoint; each broken newer one is reported through `warn` and skipped."""
+    """The newest complete checkpoint. Each broken newer one is reported through `warn` and renamed
+    `broken_step_N` (kept for inspection, never resumed, never counted by the rotation)."""
     for path in list_checkpoints(run_dir):
         problem = verify_checkpoint(path)
         if problem is None:
             return path
-        warn(f"warning: skipping checkpoint {path.name}: {problem}; falling back to an older one")
+        aside = path.with_name(f"broken_{path.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(path, aside)
+        warn(f"warning: skipping checkpoint {path.name}: {problem}; moved it to {aside.name} and falling back to an older one")
     return None
 
 

@@ -29,7 +29,7 @@ def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
 @dataclass
 class RunConfig:
     out_dir: str = opt("", "run directory; empty means runs/<data.name> (runs/<data.name>_<finetune.kind> for finetunes)")
-    seed: int = opt(1337, "seed for model init, data order, dropout (each rank adds its rank)")
+    seed: int = opt(1337, "seed for model init, the data stream and evaluation batches (shared by all ranks) and dropout (seed + rank)")
     resume: str = opt("auto", "auto: continue from the newest complete checkpoint in out_dir; never: refuse an existing out_dir", ("auto", "never"))
     overwrite: bool = opt(False, "with resume=never, delete an existing out_dir and start over")
 
@@ -69,6 +69,12 @@ class GPTConfig:
     residual: bool = opt(True, "residual connections around attention and MLP")
     layernorm: bool = opt(True, "pre-LayerNorm before each sublayer and a final LayerNorm")
     tie_weights: bool = opt(True, "LM head shares its weight with the token embedding")
+    init: str = opt("gpt2", "gpt2: normal(0, 0.02) weights, residual projections scaled by depth; torch: PyTorch's layer defaults, as in the lecture video", ("gpt2", "torch"))
+    # speed options from the public speedrun literature; the defaults are the lecture model (BENCHMARKS.md measures them)
+    pos_emb: str = opt("learned", "position information: learned: a position embedding table (GPT-2); rope: rotary embeddings on queries and keys", ("learned", "rope"))
+    qk_norm: bool = opt(False, "RMS-normalise each head's queries and keys before attention")
+    zero_init_proj: bool = opt(False, "start the projections into the residual stream (attn and MLP c_proj) at zero")
+    attn_impl: str = opt("sdpa", "attention kernel in training: sdpa: F.scaled_dot_product_attention; matmul: plain matmul + softmax (faster under bf16 on some CPUs)", ("sdpa", "matmul"))
 
 
 @dataclass
@@ -85,6 +91,9 @@ class TrainConfig:
     weight_decay: float = opt(0.1, "AdamW weight decay, applied to 2-D weights only")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.99, "AdamW beta2")
+    optimizer: str = opt("adamw", "adamw; muon: Muon for the blocks' weight matrices, AdamW (train.lr) for embeddings, head, biases and norms", ("adamw", "muon"))
+    muon_lr: float = opt(0.02, "Muon peak learning rate (follows the same schedule as train.lr)")
+    muon_momentum: float = opt(0.95, "Muon (Nesterov) momentum")
     grad_clip: float = opt(1.0, "clip the gradient norm to this; 0 disables")
     eval_interval: int = opt(250, "evaluate every N steps (and at step 0 and the end)")
     eval_iters: int = opt(200, "batches per split at each evaluation, split across processes")
@@ -305,6 +314,9 @@ def validate(cfg: Config, stage: str) -> None:
     need(t.min_lr <= t.lr, f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr})")
     need(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
+    need(t.muon_lr > 0 and math.isfinite(t.muon_lr), f"train.muon_lr must be a finite number > 0, got {t.muon_lr}")
+    need(0 <= t.muon_momentum < 1, f"train.muon_momentum must be in [0, 1), got {t.muon_momentum}")
+    need(m.pos_emb != "rope" or (m.n_embd // m.n_head) % 2 == 0, f"model.pos_emb=rope needs an even head size, got n_embd / n_head = {m.n_embd // m.n_head}")
     need(t.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {t.sample_tokens}")
     f = cfg.finetune
     need(f.freeze >= 0, f"finetune.freeze must be >= 0, got {f.freeze}")

@@ -66,7 +66,9 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention: one fused q,k,v projection, SDPA, an output projection.
 
-    n_head=1 is the lecture's single head (head size n_embd).
+    n_head=1 is the lecture's single head (head size n_embd). Options: `qk_norm` RMS-normalises each
+    head's queries and keys, `pos_emb=rope` rotates them by position, `attn_impl=matmul` writes the
+    training attention as plain matmuls.
     """
 
     def __init__(self, config: GPTConfig):
@@ -75,6 +77,9 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.head_dim = config.n_embd // config.n_head
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
+        self.rope = config.pos_emb == "rope"
+        self.attn_impl = config.attn_impl
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # query, key, value of every head
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # back into the residual stream
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -85,12 +90,27 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        if cache is None:  # training and full recomputation
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-        else:
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (self.head_dim,)).type_as(v), F.rms_norm(k, (self.head_dim,)).type_as(v)
+        if self.rope:  # positions count from the window start: the cached tokens come first
+            start = cache.length if cache is not None else 0
+            q, k = rotate(q, start), rotate(k, start)
+        if cache is not None:
             y = self._attend_cached(q, k, v, cache)
+        elif self.attn_impl == "matmul":
+            y = self._attend_matmul(q, k, v)
+        else:  # training and full recomputation
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
+
+    def _attend_matmul(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The lecture's attention, written out: softmax(q k^T / sqrt(hs), causal) v."""
+        T = q.size(2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, T)
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)  # (T, T)
+        att = F.dropout(att.masked_fill(future, float("-inf")).softmax(dim=-1), self.dropout, self.training)
+        return att @ v  # (B, nh, T, hs)
 
     @staticmethod
     def _attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -103,6 +123,20 @@ class CausalSelfAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v)
         mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)  # (T, past + T)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def rotate(x: torch.Tensor, start: int, base: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding (RoPE) of x (B, nh, T, hs) for positions start .. start + T - 1.
+
+    Feature pairs (i, i + hs/2) turn by the angle position / base^(2i / hs), so the dot product of a
+    query and a key depends on their distance only.
+    """
+    T, half = x.size(2), x.size(3) // 2
+    inv_freq = base ** (-torch.arange(half, dtype=torch.float32, device=x.device) / half)  # (hs/2,)
+    angle = torch.arange(start, start + T, dtype=torch.float32, device=x.device)[:, None] * inv_freq  # (T, hs/2)
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class MLP(nn.Module):
@@ -166,21 +200,21 @@ class GPT(nn.Module):
             # row i holds the logits of the token that follows token i
             self.bigram_table = nn.Embedding(config.vocab_size, config.vocab_size)
         else:
-            self.transformer = nn.ModuleDict(
-                dict(
-                    wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding, also the LM head when tied
-                    wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
-                    drop=nn.Dropout(config.dropout),
-                    h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-                    ln_f=_layernorm(config),
-                )
-            )
+            layers = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))  # token embedding, also the LM head when tied
+            if config.pos_emb == "learned":  # (rope rotates queries and keys in attention instead)
+                layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)  # learned position embedding
+            layers.update(drop=nn.Dropout(config.dropout), h=nn.ModuleList(Block(config) for _ in range(config.n_layer)), ln_f=_layernorm(config))
+            self.transformer = nn.ModuleDict(layers)
             if not config.tie_weights:
                 self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.apply(self._init_weights)
+        if config.init == "gpt2":  # (init=torch keeps PyTorch's layer defaults, as the lecture video did)
+            self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):  # GPT-2: scale the projections into the residual stream by depth
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+            if name.endswith("c_proj.weight"):  # the projections into the residual stream
+                if config.zero_init_proj:  # start each block as the identity
+                    nn.init.zeros_(p)
+                elif config.init == "gpt2":  # GPT-2: scaled down by depth
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -214,8 +248,11 @@ class GPT(nn.Module):
         start = caches[0].length if caches else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.pos_emb == "learned":
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+            x = x + self.transformer.wpe(pos)  # (T, C) broadcast over the batch
+        x = self.transformer.drop(x)
         if caches is None:
             for block in self.transformer.h:
                 x = block(x)
@@ -241,7 +278,7 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; a tied embedding counts once. non_embedding leaves out the position embedding (nanoGPT's convention)."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding and not self.is_bigram:
+        if non_embedding and not self.is_bigram and self.config.pos_emb == "learned":
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -409,5 +446,9 @@ def _check_config(c: GPTConfig) -> None:
         raise UserError(f"model.n_embd ({c.n_embd}) must be divisible by model.n_head ({c.n_head})")
     if c.activation not in ("gelu", "relu", "relu2"):
         raise UserError(f"model.activation must be gelu, relu or relu2, got {c.activation!r}")
+    if c.pos_emb not in ("learned", "rope") or c.attn_impl not in ("sdpa", "matmul"):
+        raise UserError(f"model.pos_emb must be learned or rope and model.attn_impl sdpa or matmul, got {c.pos_emb!r} and {c.attn_impl!r}")
+    if c.pos_emb == "rope" and (c.n_embd // c.n_head) % 2:
+        raise UserError(f"model.pos_emb=rope needs an even head size, got n_embd / n_head = {c.n_embd // c.n_head}")
     if not 0.0 <= c.dropout < 1.0:
         raise UserError(f"model.dropout must be in [0, 1), got {c.dropout}")

@@ -1,18 +1,32 @@
 """What differs between the stages: where the model and the tokenizer come from. The loop is trainer.py's.
 
     pretrain: a fresh GPT, a tokenizer trained on the corpus (or loaded from the prepared data).
+    finetune: the parent's GPT and tokenizer (a run directory, or hf:PATH), the data encoded with that
+              tokenizer; `text` (continued training, optionally freezing the bottom), `sft` (loss on the
+              responses only), either of them with LoRA adapters instead of full weights.
 """
 
 from __future__ import annotations
 
-import torch
+import dataclasses
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
 
+import numpy as np
+import torch
+import yaml
+
+from dist_gpt import lora
+from dist_gpt.checkpoint import load_run
 from dist_gpt.cli import config_path, parse_stage_args
-from dist_gpt.config import Config
-from dist_gpt.data import prepare
+from dist_gpt.config import Config, GPTConfig, from_dict
+from dist_gpt.data import load_meta, open_split, prepare
 from dist_gpt.errors import UserError
+from dist_gpt.io import read_json
 from dist_gpt.model import GPT
-from dist_gpt.tokenizers import load_tokenizer
+from dist_gpt.tokenizers import Tokenizer, load_tokenizer
 from dist_gpt.tracking import log
 from dist_gpt.trainer import Job, Trainer, make_accelerator, on_main, open_run
 
@@ -58,5 +72,175 @@ def pretrain(args: list[str]) -> None:
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         model = GPT(cfg.model)
         Trainer(Job(cfg=cfg, model=model, tokenizer=tokenizer, data_dir=cfg.data_dir), accelerator, run).fit()
+    finally:
+        run.release()
+
+
+# ----------------------------------------------------------------------------- finetune
+
+FINETUNE_USAGE = """
+usage: accelerate launch launch/finetune.py --config FILE --finetune.init_from=PARENT [--section.key=value ...] [--debug]
+       python launch/finetune.py ...            (one process)
+
+Finetune a trained GPT. PARENT is a pretrain or finetune run directory (or hf:PATH, a Hugging Face
+GPT-2 folder): the model's shape and the tokenizer come from it, and data.source is encoded with that
+tokenizer. finetune.kind=text continues training on a corpus; finetune.kind=sft trains on
+prompt/response pairs (a .jsonl of {"prompt": ..., "response": ...}, or a data.recipe), with the loss
+on the response tokens only. finetune.lora_rank=R trains rank-R LoRA adapters instead of all weights;
+finetune.freeze=N freezes the embeddings and the first N blocks. The run directory gets the merged,
+plain model.safetensors (sample it with launch/sample.py; --chat for sft runs), parent.json (lineage),
+and with LoRA adapter.safetensors + adapter_config.json. Rerunning the same command resumes.
+
+examples:
+  python launch/finetune.py --config configs/finetune_sonnets.yaml --finetune.init_from=runs/shakespeare_char_cpu
+  python launch/finetune.py --config configs/sft_sonnets.yaml --finetune.init_from=runs/shakespeare_char_cpu \
+      --finetune.lora_rank=8 --run.out_dir=runs/sonnets_sft_lora
+  python launch/finetune.py --config configs/sft_jsonl.yaml --finetune.init_from=RUN_DIR --data.source=pairs.jsonl
+--debug shows the full traceback of an error.
+"""
+
+SHAPE_FREE = ("dropout",)  # model keys a finetune may change: they are not part of the weights' shape or function
+
+
+@dataclass
+class Parent:
+    """What a finetune starts from."""
+
+    config: GPTConfig
+    state: dict[str, torch.Tensor]
+    tokenizer: Tokenizer
+    summary: dict[str, Any] | None  # the parent run's summary.json (None for hf: parents)
+
+
+def load_parent(init_from: str) -> Parent:
+    """The parent's model config, weights and tokenizer: a run directory, or `hf:PATH` / `hf:NAME`."""
+    if init_from.startswith("hf:"):
+        from dist_gpt.hf import load_hf_gpt2
+
+        config, state, tokenizer = load_hf_gpt2(init_from)
+        return Parent(config, state, tokenizer, None)
+    try:
+        run = load_run(init_from)
+    except UserError as e:
+        raise UserError(f"finetune.init_from={init_from}: {e}") from None
+    if run.tokenizer.vocab_size > run.config.model.vocab_size:
+        raise UserError(
+            f"finetune.init_from={init_from}: tokenizer.json has {run.tokenizer.vocab_size} tokens but the model only {run.config.model.vocab_size}; "
+            "the run's tokenizer.json was replaced: restore the one it was trained with"
+        )
+    summary_path = Path(init_from) / "summary.json"
+    summary = read_json(summary_path, "run summary") if summary_path.is_file() else None
+    return Parent(run.config.model, run.model.state_dict(), run.tokenizer, summary)
+
+
+def adopt_parent(cfg: Config, parent: Parent) -> None:
+    """Give `cfg` the parent's model and tokenizer; a key the user set that contradicts them is a UserError."""
+    theirs = dataclasses.asdict(parent.config)
+    for key, value in theirs.items():
+        mine = getattr(cfg.model, key)
+        auto = key == "vocab_size" and mine == 0  # 0 means: the tokenizer's
+        if f"model.{key}" in cfg.explicit and key not in SHAPE_FREE and mine != value and not auto:
+            raise UserError(
+                f"model.{key}={mine!r} contradicts the parent {cfg.finetune.init_from}, which has model.{key}={value!r}: "
+                f"a finetune keeps the parent's shape; remove model.{key} from the config and the command line (only model.dropout may change)"
+            )
+    dropout = cfg.model.dropout if "model.dropout" in cfg.explicit else parent.config.dropout
+    cfg.model = dataclasses.replace(parent.config, dropout=dropout)
+    tok = parent.tokenizer
+    if "data.tokenizer" in cfg.explicit and cfg.data.tokenizer != tok.kind:
+        raise UserError(f"data.tokenizer={cfg.data.tokenizer} but the parent {cfg.finetune.init_from} uses the {tok.kind} tokenizer: a finetune encodes its data with the parent's tokenizer; remove data.tokenizer")
+    if "data.vocab_size" in cfg.explicit and cfg.data.vocab_size != tok.vocab_size:
+        raise UserError(f"data.vocab_size={cfg.data.vocab_size} but the parent's {tok.kind} tokenizer has {tok.vocab_size} tokens: a finetune keeps the parent's tokenizer; remove data.vocab_size")
+    cfg.data.tokenizer, cfg.data.vocab_size = tok.kind, tok.vocab_size
+    if cfg.finetune.freeze > cfg.model.n_layer:
+        raise UserError(f"finetune.freeze={cfg.finetune.freeze} but the parent has only {cfg.model.n_layer} blocks: freeze at most model.n_layer")
+
+
+def check_prepared_tokenizer(data_dir: Path, tokenizer: Tokenizer) -> None:
+    """The prepared data must be encoded with the parent's tokenizer, token for token."""
+    saved = load_tokenizer(data_dir / "tokenizer.json")
+    if saved.fingerprint() != tokenizer.fingerprint() or load_meta(data_dir).get("tokenizer_fingerprint") != tokenizer.fingerprint():
+        raise UserError(
+            f"tokenizer mismatch: {data_dir} was prepared with a different tokenizer ({saved.kind}, {saved.vocab_size} tokens) than the parent's "
+            f"({tokenizer.kind}, {tokenizer.vocab_size} tokens); delete {data_dir} or choose another data.name so it is prepared again"
+        )
+
+
+def check_sft_pairs(data_dir: Path, block_size: int) -> None:
+    """Each SFT pair trains on the response tokens among its first block_size targets: there must be some."""
+    for name in ("train", "val"):
+        split = open_split(data_dir, name)
+        starts, ends = split.offsets[:-1], split.offsets[1:]
+        ones = np.flatnonzero(np.asarray(split.mask))  # positions of response tokens
+        k = np.minimum(np.searchsorted(ones, starts), len(ones) - 1)
+        first = ones[k] if len(ones) else ends  # each pair's first response token
+        fits = (first >= starts) & (first < ends) & (first - starts <= block_size)
+        if not fits.any():
+            raise UserError(
+                f"no {name} pair has a response token within block_size={block_size} tokens: every prompt fills the context, so there is nothing to train on "
+                "or measure; shorten the prompts or finetune a parent with a longer model.block_size"
+            )
+        if not fits.all():
+            log(f"warning: {int((~fits).sum())} of {len(fits)} {name} pairs have a prompt of block_size={block_size} tokens or more and count for nothing")
+
+
+RESUME_KEYS = ("kind", "lora_rank", "lora_alpha", "freeze")  # what the checkpoint's model, optimizer and data were built for
+
+
+def check_resume(cfg: Config, run_dir: Path) -> None:
+    """Resuming a finetune needs the settings its checkpoints were written with."""
+    saved = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text())).finetune
+    for key in RESUME_KEYS:
+        mine, theirs = getattr(cfg.finetune, key), getattr(saved, key)
+        if mine != theirs:
+            raise UserError(
+                f"{run_dir} holds a finetune with finetune.{key}={theirs!r} and this command asks for {mine!r}: rerun with finetune.{key}={theirs!r} to resume it, "
+                "or start this one in another --run.out_dir (or pass --run.resume=never --run.overwrite=true to replace it)"
+            )
+
+
+def freeze_bottom(model: GPT, n_blocks: int) -> None:
+    """No gradients for the token and position embeddings and blocks 0..n_blocks-1 (a tied LM head is the token embedding)."""
+    t = model.transformer
+    for module in (t.wte, t.wpe, *t.h[:n_blocks]):
+        module.requires_grad_(False)
+
+
+def finetune_job(cfg: Config, parent: Parent) -> Job:
+    """The Job for an adopted config: the parent's weights, frozen layers or LoRA adapters, lineage."""
+    torch.manual_seed(cfg.run.seed)  # the same adapter initialisation on every rank
+    model = GPT(cfg.model)
+    model.load_state_dict(parent.state)
+    f = cfg.finetune
+    info = {"parent": {"init_from": f.init_from, "path": str(Path(f.init_from).resolve()) if not f.init_from.startswith("hf:") else None, "summary": parent.summary}}
+    job = Job(cfg=cfg, model=model, tokenizer=parent.tokenizer, data_dir=cfg.data_dir, sft=f.kind == "sft", info=info)
+    if f.lora_rank:
+        job.model = lora.attach(model, f.lora_rank, f.lora_alpha, f.lora_dropout)
+        job.export_weights = partial(lora.merged_state_dict, scale=f.lora_alpha / f.lora_rank)
+        job.save_extras = partial(lora.save_adapter, rank=f.lora_rank, alpha=f.lora_alpha, dropout=f.lora_dropout, base=f.init_from)
+    elif f.freeze:
+        freeze_bottom(model, f.freeze)
+    return job
+
+
+def finetune(args: list[str]) -> None:
+    cfg = parse_stage_args(args, "finetune", FINETUNE_USAGE)
+    parent = load_parent(cfg.finetune.init_from)
+    adopt_parent(cfg, parent)
+    accelerator = make_accelerator(cfg)
+    run = open_run(cfg, accelerator)
+    sft = cfg.finetune.kind == "sft"
+
+    def prepare_and_check() -> None:
+        prepare(cfg.data, data_dir=cfg.data_dir, tokenizer=parent.tokenizer, sft=sft, log=log, block_size=cfg.model.block_size)
+        check_prepared_tokenizer(cfg.data_dir, parent.tokenizer)
+        if sft:
+            check_sft_pairs(cfg.data_dir, cfg.model.block_size)
+        if run.resume_from:
+            check_resume(cfg, run.dir)
+
+    try:
+        on_main(accelerator, prepare_and_check)
+        Trainer(finetune_job(cfg, parent), accelerator, run).fit()
     finally:
         run.release()

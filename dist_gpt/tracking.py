@@ -66,9 +66,9 @@ class Tracker:
         self.samples_path = run_dir / "samples.jsonl"
         self.use_wandb = cfg.log.wandb
         self.sample_rows: list[list[Any]] = []
-        if self.main:
-            _truncate_jsonl(self.metrics_path, start_step)
-            _truncate_jsonl(self.samples_path, start_step)
+        if self.main:  # a resumed run rewrites what came after its checkpoint; a fresh start keeps nothing
+            _truncate_jsonl(self.metrics_path, start_step if start_step else -1)
+            _truncate_jsonl(self.samples_path, start_step if start_step else -1)
         if self.use_wandb:
             if self.main:
                 os.environ.setdefault("WANDB_DIR", str(run_dir))
@@ -109,4 +109,5 @@ class Tracker:
     def close(self) -> None:
         self.bar.close()
         if self.use_wandb:
-            self.accelerator.end_training()
+            for tracker in self.accelerator.trackers:
+                tracker.finish()  # not accelerator.end_training(): that also ends the process group, which the trainer still uses

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate import state as accelerate_state
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
@@ -32,6 +33,7 @@ from dist_gpt.config import Config, TrainConfig, save_config
 from dist_gpt.data import BatchLoader, eval_batches, open_split
 from dist_gpt.errors import UserError
 from dist_gpt.io import atomic_write_json, read_json
+from dist_gpt.optim import MuonAdamW
 from dist_gpt.tracking import Tracker, log
 
 # Peak dense bf16 FLOP/s per device, for MFU (matched against torch.cuda.get_device_name()).
@@ -49,13 +51,14 @@ def cpu_has_amx() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def resolve_precision(choice: str, n_embd: int, cuda: bool) -> str:
+def resolve_precision(choice: str, n_embd: int, cuda: bool, attn_impl: str = "sdpa") -> str:
     """`train.mixed_precision` to what Accelerate runs: bf16, fp16 or no."""
     if choice == "auto":
         if cuda:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        # bf16 autocast pays off on AMX CPUs once matmuls are wide enough (BENCHMARKS.md, "bf16 on CPU")
-        return "bf16" if cpu_has_amx() and n_embd >= 256 else "no"
+        # bf16 autocast pays off on AMX CPUs once matmuls are wide enough, or at any width with the plain-matmul
+        # attention (bf16 SDPA's backward is slow on the CPU) (BENCHMARKS.md, "bf16 on CPU")
+        return "bf16" if cpu_has_amx() and (n_embd >= 256 or attn_impl == "matmul") else "no"
     if choice == "fp16" and not cuda:
         log("warning: fp16 autocast does nothing on a CPU; training in fp32 (use bf16 on CPUs with AMX)")
         return "no"
@@ -68,7 +71,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     """The Accelerator for this process, after checking the launcher really started the processes it claims."""
     user_threads = os.environ.get("OMP_NUM_THREADS")
     cuda = torch.cuda.is_available()
-    precision = resolve_precision(cfg.train.mixed_precision, cfg.model.n_embd, cuda)
+    precision = resolve_precision(cfg.train.mixed_precision, cfg.model.n_embd, cuda, cfg.model.attn_impl)
     compile_on = cfg.train.compile == "true" or (cfg.train.compile == "auto" and cuda)
     accelerator = Accelerator(
         cpu=not cuda,  # without CUDA, a multi-process launch must still form one gloo group (see README, "CPU DDP")
@@ -80,6 +83,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
     cfg.train.mixed_precision = precision
     cfg.train.compile = "true" if compile_on else "false"
     check_world_size(int(os.environ.get("WORLD_SIZE", "1")), accelerator.num_processes)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP and accelerator.is_main_process:
+        fallback = "DDP over gloo" if accelerator.num_processes > 1 else "a single process"
+        log(f"warning: FSDP was requested (configs/accelerate/fsdp.yaml) but Accelerate's FSDP plugin needs CUDA: on this machine it fell back to {fallback}, every rank holding the whole model")
     if not cuda:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
         threads = int(user_threads) if user_threads else max(1, len(os.sched_getaffinity(0)) // local)
@@ -131,6 +137,7 @@ class Run:
 
 def open_run(cfg: Config, accelerator: Accelerator) -> Run:
     """Take the run directory's lock and decide between a fresh start and a resume (`run.resume`)."""
+    lock = ckpt.RunLock(cfg.out_dir)  # taken and held by the main process only
 
     def _open() -> tuple[Path, str | None]:
         run_dir = cfg.out_dir
@@ -143,7 +150,7 @@ def open_run(cfg: Config, accelerator: Accelerator) -> Run:
             raise UserError(f"cannot create run directory {run_dir}: {e.strerror}; choose a writable --run.out_dir") from None
         if not os.access(run_dir, os.W_OK):
             raise UserError(f"run directory {run_dir} is not writable; choose another --run.out_dir")
-        ckpt.RunLock(run_dir).acquire(log)  # released by Run.release() on this (the main) process
+        lock.acquire(log)  # released by Run.release()
         if exists and cfg.run.resume == "never":
             log(f"run.overwrite=true: clearing {run_dir}")
             for p in run_dir.iterdir():
@@ -158,7 +165,7 @@ def open_run(cfg: Config, accelerator: Accelerator) -> Run:
         return run_dir, (str(found) if found else None)
 
     run_dir, found = on_main(accelerator, _open)
-    return Run(dir=run_dir, resume_from=Path(found) if found else None, lock=ckpt.RunLock(run_dir) if accelerator.is_main_process else None)
+    return Run(dir=run_dir, resume_from=Path(found) if found else None, lock=lock if accelerator.is_main_process else None)
 
 
 # ----------------------------------------------------------------------------- the job
@@ -200,15 +207,27 @@ def lr_at(step: int, elapsed: float, t: TrainConfig) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, t: TrainConfig, fused: bool) -> torch.optim.Optimizer:
-    """AdamW with weight decay on 2-D weights (matmuls, embeddings) only; frozen parameters are left out."""
+    """AdamW with weight decay on 2-D weights (matmuls, embeddings) only; frozen parameters are left out.
+
+    train.optimizer=muon: Muon (dist_gpt/optim.py) for the weights of the Linear layers except the LM head,
+    AdamW for the rest, in one optimizer; the first param group stays AdamW's, whose lr the trainer logs.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("no trainable parameters (everything is frozen); lower finetune.freeze")
+    matrices: set[int] = set()
+    if t.optimizer == "muon":
+        if accelerate_state.is_initialized() and accelerate_state.AcceleratorState().distributed_type == DistributedType.FSDP:
+            raise UserError("train.optimizer=muon needs whole weight matrices on every rank; FSDP shards them: use DDP or train.optimizer=adamw")
+        matrices = {id(m.weight) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")}
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in params if p.dim() >= 2 and id(p) not in matrices], "weight_decay": t.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
+    groups.append({"params": [p for p in params if id(p) in matrices], "muon": True, "lr": t.muon_lr, "weight_decay": 0.0})
+    return MuonAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), momentum=t.muon_momentum)
 
 
 # ----------------------------------------------------------------------------- RNG state (JSON + safetensors, never pickle)
@@ -255,9 +274,11 @@ class Trainer:
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
         self.block_size = m.block_size
-        self.stop_signal: int | None = None
+        self.stop_signal: int | None = None  # set by a signal on this rank
+        self.stopping = False  # set when the ranks agree to stop (see train_step)
         self.state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "best_val_loss": None, "last_val_loss": None, "elapsed_s": 0.0, "wandb_id": uuid.uuid4().hex[:12]}
         saved = ckpt.read_checkpoint_json(run.resume_from, "trainer.json") if run.resume_from else None
+        self.configured_grad_accum = t.grad_accum
         t.grad_accum = self._grad_accum(saved)
         self.tokens_per_step = t.batch_size * self.block_size * t.grad_accum * self.world
         accelerator.gradient_accumulation_steps = t.grad_accum
@@ -292,8 +313,8 @@ class Trainer:
         per_micro = t.batch_size * self.block_size * self.world
         if t.tokens_per_step:
             target = t.tokens_per_step
-        elif saved and saved["world_size"] != self.world:
-            target = saved["tokens_per_step"]  # keep the optimisation the same when the process count changes
+        elif saved:
+            target = saved["tokens_per_step"]  # a resumed run keeps its tokens per step, also when the process count changed
         else:
             return t.grad_accum
         if target % per_micro:
@@ -307,11 +328,15 @@ class Trainer:
 
     def _restore(self, saved: dict) -> None:
         path = self.run.resume_from
-        if saved["world_size"] != self.world:
+        t = self.cfg.train
+        if saved["world_size"] != self.world and self.acc.is_main_process:
             log(
-                f"resuming a checkpoint written by {saved['world_size']} processes on {self.world}: grad_accum {saved['grad_accum']} -> {self.cfg.train.grad_accum}, "
-                f"{self.tokens_per_step} tokens per step (was {saved['tokens_per_step']}); the data stream continues, bit-exactness is not promised across process counts"
+                f"resuming a checkpoint written by {saved['world_size']} process(es) on {self.world}: grad_accum {saved['grad_accum']} -> {t.grad_accum} "
+                f"keeps {self.tokens_per_step:,} tokens per optimizer step; the data stream continues where it stopped, "
+                "but the result is not bit-identical to a run that kept one process count"
             )
+        elif t.grad_accum != self.configured_grad_accum and self.acc.is_main_process:
+            log(f"keeping the checkpoint's {self.tokens_per_step:,} tokens per optimizer step: grad_accum {t.grad_accum} instead of the configured {self.configured_grad_accum} (set train.tokens_per_step to change it)")
         flat = ckpt.read_checkpoint_tensors(path, "optimizer.safetensors")
         opt_state: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in flat.items():
@@ -429,20 +454,25 @@ class Trainer:
         # the time budget and its LR schedule), so every rank takes the same decisions.
         flags = [float(self.stop_signal is not None), self._elapsed_base + self._clock() - self._t0]
         stats = self.acc.reduce(torch.tensor([total.item() / t.grad_accum, *flags], device=self.acc.device, dtype=torch.float64), "sum").tolist()
-        if stats[1] > 0 and self.stop_signal is None:
-            self.stop_signal = signal.SIGTERM  # another rank was signalled
+        # Every rank acts on this agreed flag, never on its own: a signal landing after the reduce counts at the next step.
+        self.stopping = stats[1] > 0
         self.state["elapsed_s"] = stats[2] / self.world
         loss = stats[0] / self.world
-        if not math.isfinite(loss):
+        norm = self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip) if t.grad_clip > 0 and math.isfinite(loss) else None
+        # a finite loss can still give non-finite gradients; with fp16 the loss scaler handles those itself
+        bad_grad = norm is not None and self.acc.scaler is None and not math.isfinite(float(norm))
+        if not math.isfinite(loss) or bad_grad:
+            what = f"the gradient norm became {float(norm)}" if bad_grad else f"the loss became {loss}"
+            step = self.state["step"] + 1
             self.optimizer.zero_grad(set_to_none=True)
             if t.on_nan == "stop":
                 raise NonFiniteLoss(
-                    f"the loss became {loss} at step {self.state['step'] + 1}; stopping without saving. The last good checkpoint is untouched: "
+                    f"{what} at step {step}; stopping without saving. The last good checkpoint is untouched: "
                     "lower train.lr, raise train.warmup_steps or use train.mixed_precision=no, or pass train.on_nan=skip to skip such steps"
                 )
+            if self.acc.is_main_process:
+                log(f"warning: {what} at step {step}; skipped this optimizer step (train.on_nan=skip)")
             return None
-        if t.grad_clip > 0:
-            self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -474,8 +504,11 @@ class Trainer:
             f"tokens per optimizer step: {t.batch_size} (micro-batch) x {self.block_size} (block) x {t.grad_accum} (accumulation) x {self.world} (processes) = {self.tokens_per_step:,}\n"
             f"run directory: {self.run.dir}"
         )
-        if s["step"] >= t.max_steps:
-            log_main(f"run already complete at step {s['step']} (train.max_steps={t.max_steps}); nothing to do. Raise --train.max_steps to continue it.")
+        if s["step"] >= t.max_steps or (t.time_budget_s > 0 and s["elapsed_s"] >= t.time_budget_s):
+            log_main(
+                f"run already complete at step {s['step']} (train.max_steps={t.max_steps}, train.time_budget_s={t.time_budget_s:g}, {s['elapsed_s']:.0f} s trained); "
+                "nothing to do. Raise --train.max_steps (or the time budget) to continue it."
+            )
             return s
         tracker = Tracker(self.acc, self.run.dir, cfg, s["step"], t.max_steps, s["wandb_id"])
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -489,7 +522,7 @@ class Trainer:
                 s["step"] += 1
                 s["tokens_seen"] += self.tokens_per_step
                 done = s["step"] >= t.max_steps or (t.time_budget_s > 0 and s["elapsed_s"] >= t.time_budget_s)
-                stopping = self.stop_signal is not None
+                stopping = self.stopping
                 eval_due = (s["step"] % t.eval_interval == 0 or done) and not stopping
                 if s["step"] % t.log_interval == 0 or eval_due or done:
                     now = time.perf_counter()
@@ -507,9 +540,10 @@ class Trainer:
                 if s["step"] % t.checkpoint_interval == 0 or done or stopping:
                     self.save_checkpoint()
                 if stopping:
-                    name = signal.Signals(self.stop_signal).name
+                    name = signal.Signals(self.stop_signal).name if self.stop_signal else "a signal to another process"
                     log_main(f"stopped by {name} at step {s['step']}; checkpoint written to {self.run.dir}; rerun the same command to resume")
-                    raise SystemExit(128 + self.stop_signal)
+                    self.close()  # every rank is here
+                    raise SystemExit(128 + (self.stop_signal or signal.SIGTERM))
                 if done:
                     break
         finally:
@@ -517,8 +551,19 @@ class Trainer:
                 signal.signal(sig, handler)
             tracker.close()
         log_main(f"done: {s['step']} steps, val loss {s['last_val_loss']:.4f} (best {s['best_val_loss']:.4f}), {s['elapsed_s']:.1f} s; model in {self.run.dir / 'model.safetensors'}")
+        if self.acc.device.type == "cuda":
+            log_main(f"peak GPU memory (process 0): {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved")
         self._check_replicas_agree()
+        self.close()
         return s
+
+    def close(self) -> None:
+        """Leave the process group cleanly (one run per process): drop the DDP wrapper, which holds the group's
+        buffers, then the group, while Python is fully alive. Left to interpreter exit, a gloo thread that frees a
+        tensor then aborts the whole process now and then (SIGABRT, "terminate called without an active exception")."""
+        self.model = self.optimizer = self.scheduler = None
+        self.acc.free_memory()
+        self.acc.state.destroy_process_group()
 
     def _check_replicas_agree(self) -> None:
         """With replicated weights (DDP), every rank must end with the same bytes; say so, or warn loudly."""

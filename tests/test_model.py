@@ -314,3 +314,120 @@ def test_config_is_the_shared_dataclass():
 
     assert GPTConfig is config.GPTConfig
     assert dataclasses.asdict(build().config)["vocab_size"] == V
+
+
+# ----------------------------------------------------------------------------- speed options (rope, qk_norm, zero-init, matmul attention)
+
+OPTIONS = {
+    "rope": dict(pos_emb="rope"),
+    "qk_norm": dict(qk_norm=True),
+    "zero_init_proj": dict(zero_init_proj=True),
+    "matmul": dict(attn_impl="matmul"),
+    "speedrun": dict(pos_emb="rope", qk_norm=True, zero_init_proj=True, attn_impl="matmul", activation="relu2", tie_weights=False),
+}
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_each_option_trains(options):
+    before, after = fit(build(**OPTIONS[options]))
+    assert after < 0.8 * before, (options, before, after)
+
+
+@pytest.mark.parametrize("options", ["rope", "qk_norm", "speedrun"])
+@pytest.mark.parametrize("prompt_len", [1, 5, 13])  # 13 > block_size 8
+def test_kv_cache_equals_recompute_with_options(options, prompt_len):
+    """Positions count from the window start with and without the cache, so the sliding window stays exact under RoPE."""
+    model = build(n_layer=3, **OPTIONS[options]).eval()
+    for p in model.parameters():  # zero-init projections would make every block the identity: give them weights
+        if p.abs().sum() == 0 and p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.02)
+    torch.manual_seed(2)
+    idx = torch.randint(0, V, (3, prompt_len))
+    cached, full = _Decoder(model, idx, use_cache=True), _Decoder(model, idx, use_cache=False)
+    with torch.no_grad():
+        for step in range(30):
+            torch.testing.assert_close(cached.logits, full.logits, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+            token = torch.randint(0, V, (3,))
+            cached.push(token)
+            full.push(token)
+
+
+def test_rope_has_no_position_table_and_depends_on_distance_only():
+    from dist_gpt.model import rotate
+
+    model = build(pos_emb="rope")
+    assert not any("wpe" in k for k in model.state_dict())
+    assert model.num_params() == model.num_params(non_embedding=False)
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    score = lambda i, j: (rotate(q, i) * rotate(k, j)).sum().item()  # noqa: E731
+    assert score(3, 1) == pytest.approx(score(10, 8), abs=1e-5) and score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)
+    assert torch.equal(rotate(q, 0), q)  # position 0 is not turned
+    assert rotate(q, 5).norm().item() == pytest.approx(q.norm().item(), rel=1e-6)  # a rotation
+    with pytest.raises(UserError, match="even head size"):
+        GPT(tiny(pos_emb="rope", n_embd=18, n_head=2))
+
+
+def test_qk_norm_makes_attention_blind_to_query_and_key_scale():
+    model, scaled = build(qk_norm=True).eval(), build(qk_norm=True).eval()
+    with torch.no_grad():
+        for block in scaled.transformer.h:
+            block.attn.c_attn.weight[: 2 * 16] *= 10.0  # the query and key rows; values untouched
+            block.attn.c_attn.bias[: 2 * 16] *= 10.0
+    idx = torch.randint(0, V, (2, 8))
+    torch.testing.assert_close(model(idx)[0], scaled(idx)[0], rtol=1e-4, atol=1e-4)
+    plain = build().eval()
+    assert not torch.allclose(plain(idx)[0], build(qk_norm=True).eval()(idx)[0])  # it does change the model
+
+
+def test_zero_init_proj_starts_every_block_as_the_identity():
+    model = build(zero_init_proj=True).eval()
+    projections = [p for n, p in model.named_parameters() if n.endswith("c_proj.weight")]
+    assert len(projections) == 4 and all(torch.equal(p, torch.zeros_like(p)) for p in projections)
+    idx = torch.randint(0, V, (2, 8))
+    t = model.transformer
+    x = t.wte(idx) + t.wpe(torch.arange(8))  # the biases are zero at init too
+    torch.testing.assert_close(model(idx)[0], model._head(t.ln_f(x)))
+    assert build().transformer.h[0].attn.c_proj.weight.abs().sum() > 0  # default: GPT-2's scaled normal
+
+
+def test_matmul_attention_equals_sdpa():
+    sdpa, matmul = build(n_layer=3), build(n_layer=3, attn_impl="matmul")
+    assert list(sdpa.state_dict()) == list(matmul.state_dict())
+    idx = torch.randint(0, V, (4, 8))
+    for model in (sdpa, matmul):
+        model.eval()
+    torch.testing.assert_close(sdpa(idx, idx)[0], matmul(idx, idx)[0], rtol=1e-5, atol=1e-5)
+    grads = []
+    for model in (sdpa, matmul):
+        model.zero_grad()
+        model(idx, idx)[1].backward()
+        grads.append(model.transformer.h[0].attn.c_attn.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    dropping = build(attn_impl="matmul", dropout=0.5).train()
+    assert not torch.equal(dropping(idx)[0], dropping(idx)[0])  # attention dropout in training
+
+
+def test_options_are_validated_by_the_config():
+    from dist_gpt.config import load_config
+
+    cfg = load_config(None, ["--model.pos_emb=rope", "--model.qk_norm=true", "--train.optimizer=muon", "--train.muon_lr=0.05"], "pretrain")
+    assert (cfg.model.pos_emb, cfg.model.qk_norm, cfg.train.optimizer, cfg.train.muon_lr) == ("rope", True, "muon", 0.05)
+    for bad, message in (("--model.pos_emb=alibi", "not one of"), ("--model.attn_impl=flash", "not one of"), ("--train.muon_momentum=1", "muon_momentum"), ("--train.muon_lr=0", "muon_lr")):
+        with pytest.raises(UserError, match=message):
+            load_config(None, [bad], "pretrain")
+    with pytest.raises(UserError, match="even head size"):
+        load_config(None, ["--model.pos_emb=rope", "--model.n_embd=30", "--model.n_head=2"], "pretrain")
+
+
+def test_auto_precision_on_cpu_follows_the_attention_kernel(monkeypatch):
+    """bf16 autocast wins on a bf16-capable CPU for wide models, or at any width with plain-matmul attention (BENCHMARKS.md)."""
+    from dist_gpt import trainer
+
+    monkeypatch.setattr(trainer, "cpu_has_amx", lambda: True)
+    assert trainer.resolve_precision("auto", 128, cuda=False) == "no"
+    assert trainer.resolve_precision("auto", 128, cuda=False, attn_impl="matmul") == "bf16"
+    assert trainer.resolve_precision("auto", 384, cuda=False) == "bf16"
+    assert trainer.resolve_precision("no", 128, cuda=False, attn_impl="matmul") == "no"  # an explicit choice stands
+    monkeypatch.setattr(trainer, "cpu_has_amx", lambda: False)
+    assert trainer.resolve_precision("auto", 384, cuda=False, attn_impl="matmul") == "no"

@@ -1,0 +1,113 @@
+"""Muon for the hidden weight matrices and AdamW for everything else, in one optimizer object.
+
+Muon (Keller Jordan, 2024: "Muon: An optimizer for hidden layers in neural networks") keeps SGD's
+Nesterov momentum but replaces each matrix's update by the nearest semi-orthogonal matrix (all
+singular values 1), found with a few Newton-Schulz iterations. Embeddings, the LM head, biases and
+norm gains keep AdamW. One object holding both kinds of param group saves and loads like any
+optimizer (`state_dict`, `torch.distributed.checkpoint`'s get/set_optimizer_state_dict).
+
+    groups = [{"params": adam_decay, "weight_decay": 0.1}, {"params": adam_rest, "weight_decay": 0.0},
+              {"params": matrices, "muon": True, "lr": 0.02}]
+    opt = MuonAdamW(groups, lr=1e-3, betas=(0.9, 0.99), momentum=0.95)
+
+torch >= 2.9 ships `torch.optim.Muon`, but for 2-D parameters only: a model needs a second optimizer
+beside it, which the trainer's checkpointing and LR schedule would have to handle twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+"""Quintic Newton-Schulz coefficients (a, b, c) tuned for speed of convergence rather than exactness:
+the singular values land near 1 (roughly 0.7-1.2), which is all Muon needs."""
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately U V^T for the SVD g = U S V^T of a matrix g (..., rows, cols), by Newton-Schulz in bf16.
+
+    A stack of matrices (n, rows, cols) is done in one batch of matmuls.
+    """
+    a, b, c = NS_COEFFICIENTS
+    x = g.bfloat16()
+    wide = x.size(-2) <= x.size(-1)
+    if not wide:  # iterate on the smaller Gram matrix x x^T
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm = 1: inside the iteration's basin
+    for _ in range(steps):
+        gram = x @ x.mT  # (..., rows, rows)
+        x = a * x + (b * gram + c * gram @ gram) @ x  # odd polynomial a s + b s^3 + c s^5 of the singular values
+    return (x if wide else x.mT).to(g.dtype)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Param groups with `muon=True` take Muon steps (2-D parameters only), the others AdamW steps.
+
+    Muon: buf = momentum * buf + g; u = g + momentum * buf (Nesterov); p -= lr * sqrt(max(1, rows / cols)) * orthogonalize(u).
+    No weight decay on Muon groups. AdamW: as torch.optim.AdamW (decoupled weight decay, bias correction).
+    The learning rates are per group, so an LR scheduler scales both kinds alike.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.95,
+        ns_steps: int = 5,
+    ):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps, muon=False)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if group["muon"] and any(p.dim() != 2 for p in group["params"]):
+                raise ValueError("Muon param groups take 2-D weight matrices only")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["muon"]:
+                for shape in dict.fromkeys(p.shape for p in params):  # matrices of one shape: one batched orthogonalisation
+                    self._muon([p for p in params if p.shape == shape], group)
+            else:
+                for p in params:
+                    self._adamw(p, group)
+        return loss
+
+    def _muon(self, params: list[torch.Tensor], group: dict[str, Any]) -> None:
+        """One Muon step for same-shaped matrices."""
+        mu, updates = group["momentum"], []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            state["momentum_buffer"].mul_(mu).add_(p.grad)
+            updates.append(p.grad.add(state["momentum_buffer"], alpha=mu))
+        rows, cols = params[0].shape
+        scale = max(1.0, rows / cols) ** 0.5  # tall matrices: the same RMS per output as square ones
+        for p, update in zip(params, orthogonalize(torch.stack(updates), group["ns_steps"]), strict=True):
+            p.add_(update, alpha=-group["lr"] * scale)
+
+    def _adamw(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        (beta1, beta2), lr = group["betas"], group["lr"]
+        state["step"] += 1
+        t = state["step"].item()
+        p.mul_(1 - lr * group["weight_decay"])
+        state["exp_avg"].lerp_(p.grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(group["eps"])
+        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
