@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import traceback
@@ -34,6 +35,13 @@ def main(fn: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: end quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse for the launch scripts' own flags: a bad argument raises UserError (one line, exit 2) instead of printing usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message} (see --help)")
 
 
 def config_path(name: str) -> str:

@@ -96,11 +96,12 @@ class TrainConfig:
     muon_momentum: float = opt(0.95, "Muon (Nesterov) momentum")
     grad_clip: float = opt(1.0, "clip the gradient norm to this; 0 disables")
     eval_interval: int = opt(250, "evaluate every N steps (and at step 0 and the end)")
+    eval_at_start: bool = opt(True, "evaluate once before the first step (step 0)")
     eval_iters: int = opt(200, "batches per split at each evaluation, split across processes")
     log_interval: int = opt(10, "write a metrics line every N steps")
     checkpoint_interval: int = opt(500, "write a resumable checkpoint every N steps (and at the end)")
     keep_checkpoints: int = opt(2, "complete checkpoints to keep")
-    mixed_precision: str = opt("auto", "auto: bf16 where it is fast (GPU with bf16, or a CPU with AMX and a model wide enough), fp16 on older GPUs, else no", ("auto", "no", "bf16", "fp16"))
+    mixed_precision: str = opt("auto", "auto: bf16 where it is fast (GPU with bf16; a CPU with bf16 instructions and n_embd >= 256 or attn_impl=matmul), fp16 on older GPUs, else no", ("auto", "no", "bf16", "fp16"))
     compile: str = opt("auto", "torch.compile the model; auto: on for CUDA, off on CPU", ("auto", "true", "false"))
     on_nan: str = opt("stop", "a NaN/inf loss: stop the run, or skip that optimizer step", ("stop", "skip"))
     sample_prompt: str = opt("\n", "prompt of the sample generated at each evaluation")
@@ -298,10 +299,12 @@ def validate(cfg: Config, stage: str) -> None:
     need(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be between 0 and 1 (exclusive), got {d.val_fraction}")
     need(d.num_proc >= 1, f"data.num_proc must be >= 1, got {d.num_proc}")
     need(d.tokenizer != "bpe" or 256 < d.vocab_size <= 2**32, f"data.vocab_size must be > 256 for a byte-level BPE, got {d.vocab_size}")
-    for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
-        low = 0 if key == "vocab_size" else 1
-        need(getattr(m, key) >= low, f"model.{key} must be >= {low}, got {getattr(m, key)}")
-    need(m.n_embd % m.n_head == 0, f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+    if stage != "finetune":  # a finetune's shape comes from its parent, which checks any override against it
+        for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
+            low = 0 if key == "vocab_size" else 1
+            need(getattr(m, key) >= low, f"model.{key} must be >= {low}, got {getattr(m, key)}")
+        need(m.n_embd % m.n_head == 0, f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+        need(m.pos_emb != "rope" or (m.n_embd // m.n_head) % 2 == 0, f"model.pos_emb=rope needs an even head size, got n_embd / n_head = {m.n_embd // m.n_head}")
     need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     for key in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval", "checkpoint_interval", "keep_checkpoints"):
         need(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
@@ -316,7 +319,6 @@ def validate(cfg: Config, stage: str) -> None:
     need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
     need(t.muon_lr > 0 and math.isfinite(t.muon_lr), f"train.muon_lr must be a finite number > 0, got {t.muon_lr}")
     need(0 <= t.muon_momentum < 1, f"train.muon_momentum must be in [0, 1), got {t.muon_momentum}")
-    need(m.pos_emb != "rope" or (m.n_embd // m.n_head) % 2 == 0, f"model.pos_emb=rope needs an even head size, got n_embd / n_head = {m.n_embd // m.n_head}")
     need(t.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {t.sample_tokens}")
     f = cfg.finetune
     need(f.freeze >= 0, f"finetune.freeze must be >= 0, got {f.freeze}")

@@ -39,6 +39,7 @@ Every rank must use the same seed.
 from __future__ import annotations
 
 import codecs
+import errno
 import glob
 import hashlib
 import importlib.util
@@ -61,8 +62,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dist_gpt.errors import UserError
-from dist_gpt.io import atomic_write, atomic_write_bytes, atomic_write_json, read_json
-from dist_gpt.tokenizers import CharTokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer, train_tokenizer
+from dist_gpt.io import atomic_write, atomic_write_bytes, atomic_write_json, disk_error, read_json
+from dist_gpt.tokenizers import CharTokenizer, Tokenizer, load_tokenizer, train_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -256,6 +257,10 @@ def _load(source: Source, cfg: DataConfig, cache: Path) -> Any:
             return datasets.load_dataset("parquet", data_files=files, **kwargs)
         name, _, config = source.name.partition(":")
         return datasets.load_dataset(name, config or None, **kwargs)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):  # the datasets cache could not be written
+            raise disk_error(cache, e) from None
+        raise UserError(f"cannot read {source.describe()}: {_first_line(e)}") from None
     except Exception as e:
         raise UserError(f"cannot read {source.describe()}: {_first_line(e)}") from None
 
@@ -675,7 +680,9 @@ def prepare_from_config(cfg: Config, log: Callable[[str], None] = print) -> dict
     tokenizer = None
     parent = cfg.finetune.init_from
     if parent.startswith("hf:"):
-        tokenizer = GPT2Tokenizer()  # Hugging Face GPT-2 models use GPT-2's BPE
+        from dist_gpt.hf import load_hf_tokenizer
+
+        tokenizer = load_hf_tokenizer(parent)
     elif parent:
         if not Path(parent).is_dir():
             raise UserError(f"finetune.init_from: run directory not found: {parent}")

@@ -178,9 +178,9 @@ def file_tokens(path: Path, tokenizer: Any, unknown: str) -> Tokens:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dist_gpt.sample import _Parser
+    from dist_gpt.cli import ArgParser
 
-    p = _Parser(prog="launch/evaluate.py", description=__doc__.split("\n\n")[0] + " Deterministic: every token of the split or file, once.")
+    p = ArgParser(prog="launch/evaluate.py", description=__doc__.split("\n\n")[0] + " Deterministic: every token of the split or file, once.")
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory written by pretrain or finetune")
     p.add_argument("--split", default="val", choices=("val", "train"), help="prepared split to evaluate (default: val)")
     p.add_argument("--data.source", dest="source", default="", metavar="PATH", help="evaluate this text file instead, encoded with the run's tokenizer")

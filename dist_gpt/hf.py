@@ -10,7 +10,7 @@
 Our module names are GPT-2's; the differences are that transformers' Conv1D layers hold their weight as
 [in, out] (transposed against nn.Linear), that a tied LM head is not stored, and that GPT-2 always has
 biases and an MLP. So `bias=False` exports zero biases and `mlp=False` a zero MLP (both exact), while
-`kind=bigram`, `layernorm=False`, `residual=False`, `activation=relu2`, `pos_emb=rope` and `qk_norm`
+`kind=bigram`, `layernorm=False`, `residual=False`, `pos_emb=rope` and `qk_norm`
 have no GPT-2 form (`zero_init_proj` and `attn_impl` change nothing in the exported function).
 Nothing here runs code from a model folder (no `trust_remote_code`), and weights are read from
 safetensors only.
@@ -34,8 +34,8 @@ from dist_gpt.io import atomic_write_json, atomic_write_text, read_json
 from dist_gpt.tokenizers import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # stored [in, out] by transformers
-ACTIVATIONS = {"gelu": "gelu_new", "relu": "relu"}  # ours -> GPT-2's (our gelu is the tanh approximation)
-HF_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}  # GPT-2's -> ours
+ACTIVATIONS = {"gelu": "gelu_new", "relu": "relu", "relu2": "relu2"}  # ours -> GPT-2's (our gelu is the tanh approximation)
+HF_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu", "relu2": "relu2"}  # GPT-2's -> ours
 LAYER_NORM_EPS = 1e-5  # torch's nn.LayerNorm default, which GPT uses; GPT-2's too
 PREFIX = "hf:"
 
@@ -51,7 +51,6 @@ def to_hf_config(c: GPTConfig) -> Any:
         "kind=bigram (a lookup table, not a Transformer)": c.kind == "bigram",
         "layernorm=False (GPT-2 always normalises)": not c.layernorm,
         "residual=False (GPT-2 always has residual connections)": not c.residual,
-        "activation=relu2 (GPT-2 has no squared ReLU)": c.activation == "relu2",
         "pos_emb=rope (GPT-2 learns a position embedding table)": c.pos_emb != "learned",
         "qk_norm=True (GPT-2 does not normalise queries and keys)": c.qk_norm,
     }
@@ -293,9 +292,9 @@ def load_hf_gpt2(spec: str) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokeniz
 
 def main(args: list[str]) -> Path:
     """The `launch/export_hf.py` command."""
-    from dist_gpt.sample import _Parser
+    from dist_gpt.cli import ArgParser
 
-    p = _Parser(
+    p = ArgParser(
         prog="launch/export_hf.py",
         description="Write a run's model and tokenizer as a transformers GPT-2 folder (config.json, model.safetensors, "
         "generation_config.json, tokenizer.json, tokenizer_config.json) that AutoModelForCausalLM and AutoTokenizer load.",

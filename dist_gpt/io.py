@@ -15,6 +15,9 @@ from typing import Any
 
 from dist_gpt.errors import UserError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def fsync_dir(path: Path) -> None:
     """Make a rename inside `path` durable."""
@@ -43,6 +46,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # ordinary file permissions, whatever mode the writer used (safetensors: 0600)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

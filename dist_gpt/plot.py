@@ -88,9 +88,9 @@ def plot_runs(runs: list[Curves], out: str | Path | None = None, log_y: bool = F
 
 def main(args: list[str]) -> Path:
     """The `launch/plot.py` command."""
-    from dist_gpt.sample import _Parser
+    from dist_gpt.cli import ArgParser
 
-    p = _Parser(prog="launch/plot.py", description="Plot train and val loss of one or more runs against steps and tokens, from RUN_DIR/metrics.jsonl.")
+    p = ArgParser(prog="launch/plot.py", description="Plot train and val loss of one or more runs against steps and tokens, from RUN_DIR/metrics.jsonl.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (their metrics.jsonl); several are overlaid")
     p.add_argument("--out", default="loss.png", metavar="FILE.png", help="where to write the plot (default: loss.png)")
     p.add_argument("--log", action="store_true", help="log-scale loss axis")

@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 import torch
 
+from dist_gpt.cli import ArgParser
 from dist_gpt.errors import UserError
 
 SEPARATOR = "---------------"
@@ -30,15 +31,8 @@ examples:
   python launch/sample.py --run runs/sonnets_sft --chat --prompt "Write about the sea" --temperature 0"""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises UserError (one line, exit 2 through dist_gpt.cli.main) instead of printing usage."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="launch/sample.py", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(prog="launch/sample.py", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory written by pretrain or finetune (holds model.safetensors, tokenizer.json, config.yaml)")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue; every character must be known to the run's tokenizer")
     p.add_argument("--max_new_tokens", type=int, default=500, metavar="N", help="tokens to generate per sample (default: 500)")

@@ -43,7 +43,7 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
 # ----------------------------------------------------------------------------- setup
 
 
-def cpu_has_amx() -> bool:
+def cpu_has_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -56,11 +56,11 @@ def resolve_precision(choice: str, n_embd: int, cuda: bool, attn_impl: str = "sd
     if choice == "auto":
         if cuda:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        # bf16 autocast pays off on AMX CPUs once matmuls are wide enough, or at any width with the plain-matmul
+        # bf16 autocast pays off on CPUs with bf16 instructions (AVX512-BF16/AMX) once matmuls are wide enough, or at any width with the plain-matmul
         # attention (bf16 SDPA's backward is slow on the CPU) (BENCHMARKS.md, "bf16 on CPU")
-        return "bf16" if cpu_has_amx() and (n_embd >= 256 or attn_impl == "matmul") else "no"
+        return "bf16" if cpu_has_bf16() and (n_embd >= 256 or attn_impl == "matmul") else "no"
     if choice == "fp16" and not cuda:
-        log("warning: fp16 autocast does nothing on a CPU; training in fp32 (use bf16 on CPUs with AMX)")
+        log("warning: fp16 autocast does nothing on a CPU; training in fp32 (use bf16 on CPUs with AVX512-BF16 or AMX)")
         return "no"
     if choice == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise UserError("train.mixed_precision=bf16 but this GPU has no bf16; use fp16")
@@ -514,7 +514,7 @@ class Trainer:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         self._t0, self._elapsed_base = self._clock(), s["elapsed_s"]
         try:
-            if s["step"] == 0:
+            if s["step"] == 0 and t.eval_at_start:
                 self._eval_and_log(tracker, {"step": 0, "tokens": 0, "elapsed_s": 0.0})
             last_time, last_tokens = time.perf_counter(), s["tokens_seen"]
             while True:

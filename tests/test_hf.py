@@ -86,6 +86,7 @@ def test_export_char_run_loads_in_transformers(tmp_path, text):
     [
         dict(tie_weights=False, bias=False, activation="relu", mlp_ratio=2),  # untied head, zero biases
         dict(mlp=False),  # a zero MLP: exactly no MLP
+        dict(activation="relu2"),  # transformers' ACT2FN has the squared ReLU too
     ],
 )
 def test_export_bpe_variants(tmp_path, bpe, model):
@@ -122,7 +123,6 @@ def test_export_gpt2_tokenizer(tmp_path, monkeypatch):
         (dict(kind="bigram"), "kind=bigram"),
         (dict(layernorm=False), "layernorm=False"),
         (dict(residual=False), "residual=False"),
-        (dict(activation="relu2"), "relu2"),
         (dict(pos_emb="rope"), "pos_emb=rope"),
         (dict(qk_norm=True), "qk_norm"),
     ],

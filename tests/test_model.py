@@ -424,10 +424,10 @@ def test_auto_precision_on_cpu_follows_the_attention_kernel(monkeypatch):
     """bf16 autocast wins on a bf16-capable CPU for wide models, or at any width with plain-matmul attention (BENCHMARKS.md)."""
     from dist_gpt import trainer
 
-    monkeypatch.setattr(trainer, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: True)
     assert trainer.resolve_precision("auto", 128, cuda=False) == "no"
     assert trainer.resolve_precision("auto", 128, cuda=False, attn_impl="matmul") == "bf16"
     assert trainer.resolve_precision("auto", 384, cuda=False) == "bf16"
     assert trainer.resolve_precision("no", 128, cuda=False, attn_impl="matmul") == "no"  # an explicit choice stands
-    monkeypatch.setattr(trainer, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: False)
     assert trainer.resolve_precision("auto", 384, cuda=False, attn_impl="matmul") == "no"
