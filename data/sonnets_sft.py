@@ -17,10 +17,10 @@ from __future__ import annotations
 import re
 import textwrap
 
+from dist_gpt.data import strip_gutenberg
+
 VAL_EVERY = 10
 NUMERAL = re.compile(r"\s*[IVXLC]+\.?\s*")
-START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG EBOOK.*$", re.MULTILINE | re.IGNORECASE)
-END = re.compile(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG EBOOK.*$", re.MULTILINE | re.IGNORECASE)
 
 
 def roman(n: int) -> str:
@@ -33,11 +33,7 @@ def roman(n: int) -> str:
 
 def sonnets(text: str) -> list[list[str]]:
     """The sonnets in file order, each as its lines: the first block of non-blank lines under a numeral."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if start := START.search(text):
-        text = text[start.end() :]
-    if end := END.search(text):
-        text = text[: end.start()]
+    text = strip_gutenberg(text.replace("\r\n", "\n").replace("\r", "\n"))
     poems: list[list[str]] = []
     lines: list[str] | None = None  # the sonnet being read; None outside one
     for line in text.split("\n"):

@@ -102,6 +102,7 @@ class TrainConfig:
     checkpoint_interval: int = opt(500, "write a resumable checkpoint every N steps (and at the end)")
     keep_checkpoints: int = opt(2, "complete checkpoints to keep")
     mixed_precision: str = opt("auto", "auto: bf16 where it is fast (GPU with bf16; a CPU with bf16 instructions and n_embd >= 256 or attn_impl=matmul), fp16 on older GPUs, else no", ("auto", "no", "bf16", "fp16"))
+    threads: int = opt(0, "CPU threads per process; 0: OMP_NUM_THREADS if set (except the 1 that accelerate launch sets by default), else the cores divided among this machine's processes")
     compile: str = opt("auto", "torch.compile the model; auto: on for CUDA, off on CPU", ("auto", "true", "false"))
     on_nan: str = opt("stop", "a NaN/inf loss: stop the run, or skip that optimizer step", ("stop", "skip"))
     sample_prompt: str = opt("\n", "prompt of the sample generated at each evaluation")
@@ -308,6 +309,7 @@ def validate(cfg: Config, stage: str) -> None:
     need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     for key in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval", "checkpoint_interval", "keep_checkpoints"):
         need(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
+    need(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
     need(t.tokens_per_step >= 0, f"train.tokens_per_step must be >= 0, got {t.tokens_per_step}")
     need(t.time_budget_s >= 0, f"train.time_budget_s must be >= 0, got {t.time_budget_s}")
     for key in ("lr", "min_lr", "weight_decay", "grad_clip"):

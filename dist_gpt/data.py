@@ -96,6 +96,19 @@ def render_response(response: str) -> str:
     return RESPONSE_TEMPLATE.format(response=response)
 
 
+GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG EBOOK.*$", re.MULTILINE | re.IGNORECASE)
+GUTENBERG_END = re.compile(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG EBOOK.*$", re.MULTILINE | re.IGNORECASE)
+
+
+def strip_gutenberg(text: str) -> str:
+    """The book alone: Project Gutenberg's header (up to "*** START OF ...") and footer ("*** END OF ..." on) removed."""
+    if start := GUTENBERG_START.search(text):
+        text = text[start.end() :].lstrip("\n")
+    if end := GUTENBERG_END.search(text):
+        text = text[: end.start()].rstrip() + "\n"
+    return text
+
+
 def dtype_for(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 

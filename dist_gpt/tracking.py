@@ -58,7 +58,7 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
 class Tracker:
     """Metrics and samples to JSONL files and W&B, plus the progress bar. A no-op off the main process."""
 
-    def __init__(self, accelerator, run_dir: Path, cfg, start_step: int, max_steps: int, wandb_id: str | None):
+    def __init__(self, accelerator, run_dir: Path, cfg, start_step: int, elapsed_s: float, wandb_id: str | None):
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.run_dir = run_dir
@@ -75,7 +75,11 @@ class Tracker:
                 wandb_mode_for(run_dir)
             init = {"wandb": {"name": cfg.log.run_name or run_dir.name, "id": wandb_id, "resume": "allow", "dir": str(run_dir)}}
             accelerator.init_trackers(cfg.log.project, config=cfg.to_dict(), init_kwargs=init)
-        self.bar = tqdm(total=max_steps, initial=start_step, disable=not (self.main and cfg.log.progress), unit="step", dynamic_ncols=True, file=sys.stderr)
+        # the bar counts steps, or seconds when a time budget ends the run (its ETA is then the budget's)
+        self.by_time = cfg.train.time_budget_s > 0
+        total, done = (round(cfg.train.time_budget_s), round(elapsed_s)) if self.by_time else (cfg.train.max_steps, start_step)
+        unit = "s" if self.by_time else "step"
+        self.bar = tqdm(total=total, initial=done, disable=not (self.main and cfg.log.progress), unit=unit, dynamic_ncols=True, file=sys.stderr)
 
     def metrics(self, record: dict[str, Any]) -> None:
         if not self.main:
@@ -97,8 +101,12 @@ class Tracker:
             run = self.accelerator.get_tracker("wandb", unwrap=True)
             run.log({"samples": wandb.Table(columns=["step", "text"], data=self.sample_rows)}, step=step)
 
-    def progress(self, step: int, **postfix: Any) -> None:
-        self.bar.n = step
+    def progress(self, step: int, elapsed_s: float, **postfix: Any) -> None:
+        if self.by_time:
+            self.bar.n = min(round(elapsed_s), self.bar.total)
+            postfix = {"step": step, **postfix}
+        else:
+            self.bar.n = step
         self.bar.set_postfix(postfix, refresh=True)
 
     def write(self, msg: str) -> None:

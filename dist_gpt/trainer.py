@@ -70,6 +70,8 @@ def resolve_precision(choice: str, n_embd: int, cuda: bool, attn_impl: str = "sd
 def make_accelerator(cfg: Config) -> Accelerator:
     """The Accelerator for this process, after checking the launcher really started the processes it claims."""
     user_threads = os.environ.get("OMP_NUM_THREADS")
+    if user_threads == "1" and "ACCELERATE_DYNAMO_BACKEND" in os.environ:
+        user_threads = None  # `accelerate launch` writes OMP_NUM_THREADS=1 when nobody asked; train.threads says it explicitly
     cuda = torch.cuda.is_available()
     precision = resolve_precision(cfg.train.mixed_precision, cfg.model.n_embd, cuda, cfg.model.attn_impl)
     compile_on = cfg.train.compile == "true" or (cfg.train.compile == "auto" and cuda)
@@ -86,9 +88,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP and accelerator.is_main_process:
         fallback = "DDP over gloo" if accelerator.num_processes > 1 else "a single process"
         log(f"warning: FSDP was requested (configs/accelerate/fsdp.yaml) but Accelerate's FSDP plugin needs CUDA: on this machine it fell back to {fallback}, every rank holding the whole model")
-    if not cuda:
+    if not cuda:  # CPU threads per process: train.threads, else OMP_NUM_THREADS, else the cores shared by this machine's processes
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-        threads = int(user_threads) if user_threads else max(1, len(os.sched_getaffinity(0)) // local)
+        threads = cfg.train.threads or (int(user_threads) if user_threads else max(1, len(os.sched_getaffinity(0)) // local))
         torch.set_num_threads(threads)
     return accelerator
 
@@ -286,7 +288,14 @@ class Trainer:
         seed_everything(self.cfg.run.seed + self.rank)
         model = job.model
         if saved:
-            model.load_state_dict(ckpt.read_checkpoint_tensors(run.resume_from, "model.safetensors"))
+            try:
+                model.load_state_dict(ckpt.read_checkpoint_tensors(run.resume_from, "model.safetensors"))
+            except RuntimeError as e:
+                detail = " ".join(str(e).splitlines()[1:2]).strip()[:300]
+                raise UserError(
+                    f"the checkpoint {run.resume_from} holds a model of another shape than the config asks for ({detail}); "
+                    "keep the model section of the run you resume, or start a new one with another --run.out_dir"
+                ) from None
         cuda = accelerator.device.type == "cuda"
         optimizer = make_optimizer(model, t, fused=cuda)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, self.state["elapsed_s"], t) / t.lr)
@@ -337,14 +346,26 @@ class Trainer:
             )
         elif t.grad_accum != self.configured_grad_accum and self.acc.is_main_process:
             log(f"keeping the checkpoint's {self.tokens_per_step:,} tokens per optimizer step: grad_accum {t.grad_accum} instead of the configured {self.configured_grad_accum} (set train.tokens_per_step to change it)")
+        self.state.update({k: saved[k] for k in ("step", "tokens_seen", "best_val_loss", "last_val_loss", "elapsed_s", "wandb_id")})
         flat = ckpt.read_checkpoint_tensors(path, "optimizer.safetensors")
         opt_state: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in flat.items():
             name, _, slot = key.rpartition("/")
             opt_state.setdefault(name, {})[slot] = tensor
         osd = {"state": opt_state, "param_groups": saved["param_groups"]}
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.optimizer.param_groups]
+        sched = self.scheduler.scheduler
+        base_lrs = list(sched.base_lrs)
         set_optimizer_state_dict(self.raw_model, self.optimizer.optimizer, osd, options=StateDictOptions(full_state_dict=True))
-        self.scheduler.scheduler.load_state_dict(saved["scheduler"])
+        sched.load_state_dict(saved["scheduler"])
+        # The hyperparameters follow the current config (a changed train.lr, betas or weight decay takes effect);
+        # the moments, step counts and schedule position come from the checkpoint. Same config: same values.
+        # (Loading replaced the param-group dicts, so they are looked up again here.)
+        sched.base_lrs = base_lrs
+        groups = self.optimizer.optimizer.param_groups
+        for g, hyper, base, fn in zip(groups, configured, base_lrs, sched.lr_lambdas, strict=True):
+            g.update(hyper)
+            g["lr"] = base * fn(sched.last_epoch)
         if saved.get("scaler") and self.acc.scaler is not None:
             self.acc.scaler.load_state_dict(saved["scaler"])
         self.loader.load_state_dict(saved["loader"])
@@ -353,7 +374,6 @@ class Trainer:
             set_rng_state(ckpt.read_checkpoint_json(path, rank_json.name), ckpt.read_checkpoint_tensors(path, f"rng_rank{self.rank}.safetensors"))
         else:
             seed_everything(self.cfg.run.seed + self.rank + 7919 * saved["step"])
-        self.state.update({k: saved[k] for k in ("step", "tokens_seen", "best_val_loss", "last_val_loss", "elapsed_s", "wandb_id")})
 
     def save_checkpoint(self) -> None:
         """Every rank contributes its RNG; the main process writes the folder atomically and refreshes model.safetensors."""
@@ -510,7 +530,7 @@ class Trainer:
                 "nothing to do. Raise --train.max_steps (or the time budget) to continue it."
             )
             return s
-        tracker = Tracker(self.acc, self.run.dir, cfg, s["step"], t.max_steps, s["wandb_id"])
+        tracker = Tracker(self.acc, self.run.dir, cfg, s["step"], s["elapsed_s"], s["wandb_id"])
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         self._t0, self._elapsed_base = self._clock(), s["elapsed_s"]
         try:
@@ -535,7 +555,7 @@ class Trainer:
                         self._eval_and_log(tracker, record)
                     else:
                         tracker.metrics(record)
-                    tracker.progress(s["step"], loss=f"{loss:.4f}" if loss is not None else "skipped", tok_s=f"{tok_s:,.0f}")
+                    tracker.progress(s["step"], s["elapsed_s"], loss=f"{loss:.4f}" if loss is not None else "skipped", tok_s=f"{tok_s:,.0f}")
                     last_time, last_tokens = time.perf_counter(), s["tokens_seen"]
                 if s["step"] % t.checkpoint_interval == 0 or done or stopping:
                     self.save_checkpoint()

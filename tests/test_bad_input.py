@@ -228,6 +228,14 @@ ROWS = [
         copy_run,
         check=copy_unchanged,
     ),  # fmt: skip
+    Row(
+        "pretrain: resume with another model shape",
+        "pretrain.py",
+        [*PRETRAIN, "--train.max_steps=8", "--model.n_embd=48"],
+        "holds a model of another shape than the config asks for",
+        copy_run,
+        check=copy_unchanged,
+    ),
     # finetune
     Row("finetune: no parent", "finetune.py", [*FINETUNE[:-1]], "finetune.init_from is required: --finetune.init_from=RUN_DIR"),
     Row(

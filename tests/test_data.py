@@ -329,6 +329,22 @@ def test_sonnets_recipe(recipe, sonnets):
     assert recipe.records(raw) == records
 
 
+def test_gutenberg_recipe_keeps_the_book_alone_and_the_lectures_split(tmp_path):
+    book = "".join(f"line {i}: thou art\n" for i in range(200))
+    raw = (
+        "The Project Gutenberg eBook of X\r\nRelease date: 1998\r\n"
+        "*** START OF THE PROJECT GUTENBERG EBOOK X ***\r\n\r\n" + book.replace("\n", "\r\n")
+        + "\r\n*** END OF THE PROJECT GUTENBERG EBOOK X ***\r\nSection 1. General Terms of Use {~}\r\n"
+    )
+    (tmp_path / "pg.txt").write_text(raw, encoding="utf-8", newline="")
+    meta = build(tmp_path / "pg.txt", tmp_path / "out", recipe="gutenberg")
+    tok = load_tokenizer(tmp_path / "out" / "tokenizer.json")
+    assert tok.chars == sorted(set(book))  # no header, licence or carriage return characters in the vocabulary
+    n = int(0.9 * len(book))  # one document: the first 90% trains, the last 10% validates
+    assert meta["tokens"] == {"train": n, "val": len(book) - n}
+    assert tok.decode(tokens(tmp_path / "out", "train").tolist()) + tok.decode(tokens(tmp_path / "out", "val").tolist()) == book
+
+
 def test_sonnets_sft_prepare_with_a_shakespeare_char_tokenizer(char_dir, sonnets, tmp_path):
     tok = load_tokenizer(char_dir / "tokenizer.json")
     cfg = DataConfig(source=str(sonnets), recipe="sonnets_sft")

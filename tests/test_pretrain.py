@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -62,8 +63,9 @@ def check_finished_run(run_dir: Path, world_size: int) -> None:
 
 
 def test_python_launch(tmp_path, shakespeare):
-    out = run_script("pretrain.py", *smoke_args(tmp_path, shakespeare, "run"))
+    out = run_script("pretrain.py", *smoke_args(tmp_path, shakespeare, "run", "--train.threads=1"), env={"OMP_NUM_THREADS": "2"})
     assert out.returncode == 0, out.stderr
+    assert "1 threads/process" in out.stderr  # train.threads wins over OMP_NUM_THREADS
     assert "world size 1" in out.stderr and "tokens per optimizer step: 8 (micro-batch) x 32 (block) x 1 (accumulation) x 1 (processes) = 256" in out.stderr
     check_finished_run(tmp_path / "run", world_size=1)
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
@@ -78,8 +80,10 @@ def test_python_launch(tmp_path, shakespeare):
 
 def test_accelerate_launch_one_process(tmp_path, shakespeare):
     launcher = [*ACCELERATE, "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    out = run_script("pretrain.py", *smoke_args(tmp_path, shakespeare, "run"), launcher=launcher)
+    out = run_script("pretrain.py", *smoke_args(tmp_path, shakespeare, "run"), launcher=launcher, env={"OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
+    # accelerate launch passes OMP_NUM_THREADS=1 on when nobody chose a thread count: one process gets every core
+    assert f"{len(os.sched_getaffinity(0))} threads/process" in out.stderr
     check_finished_run(tmp_path / "run", world_size=1)
 
 

@@ -280,6 +280,18 @@ def test_resume_with_another_process_count_keeps_tokens_per_step(tmp_path, data_
     assert json.loads((run_dir / "summary.json").read_text())["tokens_seen"] == 512 * STEPS
 
 
+def test_resume_takes_a_changed_learning_rate_from_the_config(tmp_path, data_dir):
+    """Moments and schedule position come from the checkpoint, the hyperparameters from the current command."""
+    run_dir = tmp_path / "run"
+    first = run(pretrain_cmd(run_dir, data_dir, 1, "--train.max_steps=8", "--train.lr_decay=constant", "--train.weight_decay=0.0"))
+    assert first.returncode == 0, first.stderr
+    more = run(pretrain_cmd(run_dir, data_dir, 1, "--train.max_steps=12", "--train.lr_decay=constant", "--train.lr=1e-3", "--train.weight_decay=0.0"))
+    assert more.returncode == 0, more.stderr
+    assert "resuming from" in more.stderr
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
+    assert [lrs[s] for s in range(6, 9)] == [3e-3] * 3 and [lrs[s] for s in range(9, 13)] == [1e-3] * 4
+
+
 # ----------------------------------------------------------------------------- signals
 
 
