@@ -9,7 +9,7 @@ Every run is launched as a user launches it (launch/pretrain.py, launch/finetune
 configs), except the from-scratch baseline, which has no launch script: it is `Trainer` on the very
 arrays the text finetune trains on (the Sonnets encoded with the parent's tokenizer, '(' and ')'
 dropped), with the parent's shape, fresh weights, the pretrain recipe of configs/shakespeare_char_cpu.yaml
-(lr 2e-3, 100 warmup steps), and the finetune's dropout, evaluation settings and time budget. So the two
+(its optimizer, learning rates and warmup), and the finetune's dropout, evaluation settings and time budget. So the two
 runs see the same tokens, vocabulary, val split and seconds. A char pretrain on the Sonnets
 instead would build its own vocabulary (with the parentheses, without '$', '&', '3'), and its losses
 would not be comparable.
@@ -138,7 +138,7 @@ def main() -> None:
     run(str(Path(__file__).resolve()), "--scratch", str(parent), str(text_data), str(out / "scratch"), *(["--budget", str(budget)] if budget else []))
     run("finetune.py", "--config", str(sft_cfg), *common, f"--data.dir={sft_data}", f"--run.out_dir={out / 'sft'}")
     if not args.no_lora:
-        run("finetune.py", "--config", str(sft_cfg), *common, "--finetune.lora_rank=8", f"--data.dir={sft_data}", f"--run.out_dir={out / 'sft_lora'}")
+        run("finetune.py", "--config", str(sft_cfg), *common, "--finetune.lora_rank=8", "--train.lr=1e-3", "--train.max_steps=10", f"--data.dir={sft_data}", f"--run.out_dir={out / 'sft_lora'}")
 
     text_rows = [("pretrained parent (Tiny Shakespeare only)", parent), ("text finetune of the parent", out / "text"), ("same model, Sonnets only, from scratch", out / "scratch")]
     sft_rows = [("pretrained parent", parent), ("SFT, all weights", out / "sft")] + ([] if args.no_lora else [("SFT, LoRA rank 8", out / "sft_lora")])
