@@ -270,11 +270,9 @@ def _load(source: Source, cfg: DataConfig, cache: Path) -> Any:
             return datasets.load_dataset("parquet", data_files=files, **kwargs)
         name, _, config = source.name.partition(":")
         return datasets.load_dataset(name, config or None, **kwargs)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):  # the datasets cache could not be written
-            raise disk_error(cache, e) from None
-        raise UserError(f"cannot read {source.describe()}: {_first_line(e)}") from None
     except Exception as e:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):  # the datasets cache could not be written
+            raise disk_error(cache, e) from None
         raise UserError(f"cannot read {source.describe()}: {_first_line(e)}") from None
 
 

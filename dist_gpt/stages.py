@@ -202,7 +202,8 @@ def check_resume(cfg: Config, run_dir: Path) -> None:
 def freeze_bottom(model: GPT, n_blocks: int) -> None:
     """No gradients for the token and position embeddings and blocks 0..n_blocks-1 (a tied LM head is the token embedding)."""
     t = model.transformer
-    for module in (t.wte, t.wpe, *t.h[:n_blocks]):
+    embeddings = [t[name] for name in ("wte", "wpe") if name in t]  # a pos_emb=rope model has no wpe
+    for module in (*embeddings, *t.h[:n_blocks]):
         module.requires_grad_(False)
 
 

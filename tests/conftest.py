@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -54,3 +55,10 @@ def run_script(script: str, *args: str, cwd: Path | None = None, env: dict | Non
     cmd = [*(launcher or [sys.executable]), str(REPO / "launch" / script), *args]
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(cmd, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def toy_gpt2_file(path: Path, merges: list[bytes]) -> Path:
+    """A ranks file in gpt2.tiktoken's format (the 256 bytes, then `merges`) that stands in for GPT-2's (no network here)."""
+    ranks = [bytes([b]) for b in range(256)] + merges
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(ranks)))
+    return path

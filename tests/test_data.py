@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import importlib.util
 import json
 import random
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_script
+from conftest import REPO, run_script, toy_gpt2_file
 
 import dist_gpt.data as data
 from dist_gpt.config import Config, DataConfig
@@ -100,9 +99,7 @@ def test_clean_cuts_encode_like_the_whole_text(kind, tmp_path, monkeypatch):
 
 def test_gpt2_arrays_equal_encoding_the_whole_text(tmp_path, monkeypatch):
     """tiktoken's GPT-2 regex cuts like the bpe one; a toy ranks file stands in for the real gpt2.tiktoken (no network)."""
-    ranks = [bytes([b]) for b in range(256)] + [b"th", b"ou", b"thou", b" thou", b"\n\n", b"  "]
-    (tmp_path / "gpt2.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(ranks)))
-    monkeypatch.setenv(GPT2_FILE_ENV, str(tmp_path / "gpt2.tiktoken"))
+    monkeypatch.setenv(GPT2_FILE_ENV, str(toy_gpt2_file(tmp_path / "gpt2.tiktoken", [b"th", b"ou", b"thou", b" thou", b"\n\n", b"  "])))
     monkeypatch.setattr(data, "LINES_PER_BATCH", 7)
     corpus = lines_corpus(2000, seed=2)
     (tmp_path / "c.txt").write_text(corpus, encoding="utf-8")

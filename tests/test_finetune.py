@@ -14,11 +14,11 @@ from conftest import run_script
 from safetensors.torch import load_file
 
 from dist_gpt.checkpoint import load_run
-from dist_gpt.config import load_config
+from dist_gpt.config import GPTConfig, load_config
 from dist_gpt.data import RESPONSE_END, BatchLoader, eval_batches, open_split, prepare, render_prompt, render_response
 from dist_gpt.errors import UserError
 from dist_gpt.model import GPT, IGNORE_INDEX
-from dist_gpt.stages import adopt_parent, check_prepared_tokenizer, finetune, finetune_job, load_parent
+from dist_gpt.stages import adopt_parent, check_prepared_tokenizer, finetune, finetune_job, freeze_bottom, load_parent
 from dist_gpt.tokenizers import CharTokenizer
 
 QUICK = ["--train.time_budget_s=0", "--train.eval_iters=4", "--log.wandb=false", "--log.progress=false"]
@@ -113,6 +113,13 @@ def test_freeze_keeps_embeddings_and_first_blocks(parent, tmp_path, sonnets):
     before, after = load_file(parent / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
     for key, w in before.items():
         assert torch.equal(after[key], w) == (key not in trainable), key
+
+
+def test_freeze_a_rope_model_which_has_no_position_table():
+    model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=8, pos_emb="rope"))
+    freeze_bottom(model, 1)
+    trainable = {n for n, w in model.named_parameters() if w.requires_grad}
+    assert trainable and all(n.startswith(("transformer.h.1.", "transformer.ln_f.")) for n in trainable)
 
 
 def test_sft_loss_counts_exactly_the_response_tokens(parent, tmp_path):

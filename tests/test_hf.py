@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_script, toy_gpt2_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from dist_gpt.checkpoint import load_run, save_weights
@@ -100,10 +99,7 @@ def test_export_bpe_variants(tmp_path, bpe, model):
 
 def test_export_gpt2_tokenizer(tmp_path, monkeypatch):
     """A gpt2-tokenizer run: the tokenizer goes out as a tokenizers BPE (a toy ranks file stands in for GPT-2's)."""
-    ranks = [bytes([b]) for b in range(256)] + [b"th", b"the", b" the", b"e\n"]
-    path = tmp_path / "gpt2.tiktoken"
-    path.write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(ranks)))
-    monkeypatch.setenv(GPT2_FILE_ENV, str(path))
+    monkeypatch.setenv(GPT2_FILE_ENV, str(toy_gpt2_file(tmp_path / "gpt2.tiktoken", [b"th", b"the", b" the", b"e\n"])))
     tok = train_tokenizer("gpt2", [], 0)
     cfg = Config()
     cfg.model = GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=1, n_embd=8, dropout=0.0)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import base64
 import json
 
 import pytest
+from conftest import toy_gpt2_file
 
 from dist_gpt.errors import UserError
 from dist_gpt.tokenizers import GPT2_FILE_ENV, CharTokenizer, load_tokenizer, train_tokenizer
@@ -122,10 +122,7 @@ def test_gpt2_offline_says_how_to_supply_the_files(monkeypatch, tmp_path):
 
 def test_gpt2_from_a_local_tiktoken_file(monkeypatch, tmp_path):
     """A toy ranks file in the gpt2.tiktoken format stands in for the real one (no network here)."""
-    ranks = [bytes([b]) for b in range(256)] + [b"th", b"the", b" the", b"e\n"]
-    path = tmp_path / "gpt2.tiktoken"
-    path.write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(ranks)))
-    monkeypatch.setenv(GPT2_FILE_ENV, str(path))
+    monkeypatch.setenv(GPT2_FILE_ENV, str(toy_gpt2_file(tmp_path / "gpt2.tiktoken", [b"th", b"the", b" the", b"e\n"])))
     tok = train_tokenizer("gpt2", [], 0)
     assert tok.kind == "gpt2" and tok.vocab_size == 50257  # <|endoftext|> is id 50256
     ids = tok.encode("the the\n")
