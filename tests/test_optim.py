@@ -14,8 +14,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 
 from dist_gpt.config import TrainConfig
 from dist_gpt.model import GPT, GPTConfig
-from dist_gpt.optim import MuonAdamW, orthogonalize
-from dist_gpt.trainer import make_optimizer
+from dist_gpt.optim import MuonAdamW, make_optimizer, orthogonalize
 
 
 def tiny_gpt(seed: int = 0, **overrides) -> GPT:
