@@ -51,7 +51,7 @@ def plain_tokens_per_s(args: argparse.Namespace, cfg, data: np.ndarray) -> float
     torch.manual_seed(0)
     model = GPT(cfg.model)
     t = cfg.train
-    opt = make_optimizer(model, t, fused=False)
+    opt = make_optimizer(model, t)
     precision = decide(cfg.model, t, torch.device("cpu")).precision
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     B, T = t.batch_size, cfg.model.block_size

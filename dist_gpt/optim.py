@@ -123,8 +123,9 @@ class MuonAdamW(torch.optim.Optimizer):
 # ----------------------------------------------------------------------------- the optimizer a run uses
 
 
-def make_optimizer(model: torch.nn.Module, t: TrainConfig, fused: bool = False, sharded: bool = False, ns_dtype: torch.dtype = torch.bfloat16) -> torch.optim.Optimizer:
-    """AdamW with weight decay on 2-D weights (matmuls, embeddings) only; frozen parameters are left out.
+def make_optimizer(model: torch.nn.Module, t: TrainConfig, sharded: bool = False, ns_dtype: torch.dtype = torch.bfloat16) -> torch.optim.Optimizer:
+    """AdamW (torch's fused kernel, on CPU and GPU) with weight decay on 2-D weights (matmuls, embeddings) only;
+    frozen parameters are left out.
 
     train.optimizer=muon: Muon for the weights of the Linear layers except the LM head, AdamW for the rest, in one
     optimizer; the first param group stays AdamW's, whose lr the trainer logs. Muon needs whole matrices: not `sharded`.
@@ -142,7 +143,7 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig, fused: bool = False, 
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
     groups.append({"params": [p for p in params if id(p) in matrices], "muon": True, "lr": t.muon_lr, "weight_decay": 0.0})
     return MuonAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), momentum=t.muon_momentum)
 

@@ -47,7 +47,7 @@ PEAK_BF16_FLOPS = {
 def peak_flops(device_name: str) -> tuple[float, str] | None:
     """(peak FLOP/s, the table entry) for a GPU name such as 'NVIDIA H100 80GB HBM3', or None if unknown."""
     for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
-        if re.search(rf"(?<![\w-]){re.escape(key)}(?![\w-])", device_name):
+        if re.search(rf"(?<!\w){re.escape(key)}(?!\w)", device_name):
             return PEAK_BF16_FLOPS[key], key
     return None
 
@@ -89,7 +89,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
         mixed_precision=cfg.train.mixed_precision,
         log_with="wandb" if cfg.log.wandb else None,
         step_scheduler_with_optimizer=False,
-        dynamo_backend="inductor" if compile_on else "no",
+        dynamo_backend=os.environ.get("DIST_GPT_COMPILE_BACKEND", "inductor") if compile_on else "no",  # eager: tests, debugging
         **kwargs,
     )
     accelerator.ns_dtype = decisions.ns_dtype  # Muon's Newton-Schulz dtype, read by make_optimizer

@@ -103,7 +103,7 @@ class Trainer:
         self.model = accelerator.prepare(job.model)
         self.sharded = is_sharded(self.model)
         ns_dtype = getattr(accelerator, "ns_dtype", torch.bfloat16)
-        self.optimizer = accelerator.prepare(make_optimizer(self.model, t, fused=cuda, sharded=self.sharded, ns_dtype=ns_dtype))
+        self.optimizer = accelerator.prepare(make_optimizer(self.model, t, sharded=self.sharded, ns_dtype=ns_dtype))
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]  # each group's peak; the schedule scales them
         self.raw_model = accelerator.unwrap_model(self.model, keep_torch_compile=False)  # never rewires a compiled wrapper
         self.flops_per_token = self.raw_model.estimate_flops_per_token() if hasattr(self.raw_model, "estimate_flops_per_token") else 0
@@ -266,6 +266,7 @@ class Trainer:
             total += loss.detach().float()
         clip = t.grad_clip > 0
         norm = self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip) if clip else torch.zeros((), device=device)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded gradients give a DTensor norm
         host = torch.tensor([float(self.stop_signal is not None), self._elapsed_base + self._clock() - self._t0], dtype=torch.float32)
         stats = torch.cat([torch.stack([total / t.grad_accum, norm.float().to(device)]), host.to(device)])
         loss, norm_sum, stop, elapsed = self.acc.reduce(stats, "sum").tolist()
@@ -354,13 +355,19 @@ class Trainer:
         lines = [
             f"world size {self.world} ({self.acc.distributed_type.value}, {type(self.model).__name__}) on {self.acc.device}, "
             f"{torch.get_num_threads()} threads/process, precision {t.mixed_precision}, compile {t.compile}",
-            f"model: {n_params / 1e6:.3f}M parameters ({n_train / 1e6:.3f}M trainable)",
+            f"model: {n_params / 1e6:.3f}M parameters ({n_train / 1e6:.3f}M trainable); optimizer {self._optimizer_name()}",
             f"tokens per optimizer step: {t.batch_size} (micro-batch) x {self.block_size} (block) x {t.grad_accum} (accumulation) x {self.world} (processes) = {self.tokens_per_step:,}",
             f"run directory: {self.run.path}",
         ]
         if self.peak:
             lines.append(f"MFU is quoted against the {self.peak[1]} datasheet's dense bf16 peak, {self.peak[0] / 1e12:.0f} TFLOP/s per GPU")
         return "\n".join(lines)
+
+    def _optimizer_name(self) -> str:
+        opt = self.optimizer.optimizer
+        if isinstance(opt, torch.optim.AdamW):
+            return "fused AdamW" if opt.defaults.get("fused") else "AdamW"
+        return f"Muon ({opt.defaults.get('ns_dtype', torch.bfloat16)} Newton-Schulz) + AdamW"
 
     def close(self) -> None:
         """Leave the process group cleanly: drop the wrappers (DDP holds the group's buffers), then the group."""
