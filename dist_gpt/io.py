@@ -1,4 +1,4 @@
-"""Atomic file writes: every file the toolkit writes goes through `atomic_write`.
+"""Atomic file writes (every file the toolkit writes goes through `atomic_write`) and file checksums.
 
 A file is written to a temporary name in the same directory, flushed and fsynced, then renamed
 over the final name, so a crash leaves either the old file or the new one, never half of one.
@@ -7,6 +7,7 @@ over the final name, so a crash leaves either the old file or the new one, never
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -80,3 +81,12 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise UserError(f"{what} not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{what} {path} is corrupt (not valid JSON: {e})") from None
+
+
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()

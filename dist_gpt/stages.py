@@ -19,13 +19,14 @@ import torch
 import yaml
 
 from dist_gpt import lora
+from dist_gpt.batches import load_meta, open_split
 from dist_gpt.checkpoint import load_run
 from dist_gpt.cli import config_path, parse_stage_args
 from dist_gpt.config import Config, GPTConfig, from_dict
-from dist_gpt.data import load_meta, open_split, prepare
 from dist_gpt.errors import UserError
 from dist_gpt.io import read_json
 from dist_gpt.model import GPT
+from dist_gpt.prepare import prepare
 from dist_gpt.tokenizers import Tokenizer, load_tokenizer
 from dist_gpt.tracking import log
 from dist_gpt.trainer import Job, Trainer, make_accelerator, on_main, open_run

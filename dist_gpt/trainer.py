@@ -29,8 +29,8 @@ from accelerate.utils import DistributedType, broadcast_object_list, gather_obje
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 from dist_gpt import checkpoint as ckpt
+from dist_gpt.batches import BatchLoader, check_split_size, eval_batches, open_split
 from dist_gpt.config import Config, TrainConfig, save_config
-from dist_gpt.data import BatchLoader, eval_batches, open_split
 from dist_gpt.errors import UserError
 from dist_gpt.io import atomic_write_json, read_json
 from dist_gpt.optim import MuonAdamW
@@ -306,8 +306,7 @@ class Trainer:
         self.train_split = open_split(job.data_dir, "train")
         self.val_split = open_split(job.data_dir, "val")
         for name, split in (("train", self.train_split), ("val", self.val_split)):
-            if len(split.tokens) < self.block_size + 1:
-                raise UserError(f"the {name} split has {len(split.tokens)} tokens, fewer than model.block_size + 1 = {self.block_size + 1}; lower model.block_size or use more data")
+            check_split_size(name, len(split.tokens), self.block_size)
         self.loader = BatchLoader(self.train_split, self.block_size, t.batch_size, seed=self.cfg.run.seed, rank=self.rank, world_size=self.world, mode=self.cfg.data.loader)
         if saved:
             self._restore(saved)

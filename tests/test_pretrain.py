@@ -13,8 +13,8 @@ import torch
 from conftest import run_script
 from safetensors.torch import load_file
 
+from dist_gpt.batches import eval_batches, open_split
 from dist_gpt.checkpoint import load_run
-from dist_gpt.data import eval_batches, open_split
 from dist_gpt.errors import UserError
 from dist_gpt.trainer import check_world_size, lr_at
 

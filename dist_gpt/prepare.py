@@ -1,18 +1,17 @@
-"""Data: a text source -> token arrays on disk -> batches.
+"""Prepare: a text source -> token arrays on disk (read back by batches.py).
 
     meta = prepare(cfg.data, data_dir=Path("data/shakespeare_char"))  # builds the arrays, or says "up to date"
-    loader = BatchLoader(open_split("data/shakespeare_char", "train"), block_size=256, batch_size=64, seed=1337)
-    x, y = loader.next_batch()  # int64 (B, T); y is x shifted by one
 
 A prepared folder holds `train.bin`, `val.bin` (raw token ids, dtype from meta), `tokenizer.json` and
 `meta.json`; SFT data adds `SPLIT.mask.bin` (uint8, 1 = a response token) and `SPLIT.idx.bin` (int64
 start offsets of the pairs, plus the end). Every file is written to a temporary name and renamed, and
 meta.json is removed before a rebuild and written last, so arrays without a matching meta.json never count.
 
-Preparing: the source (text files, a directory, a glob, .jsonl, .parquet, a URL, a Hub name) is read with
+The source (text files, a directory, a glob, .jsonl, .parquet, a URL, a Hub name) is read with
 `datasets.load_dataset`, tokenized with `Dataset.map(batched=True, num_proc=data.num_proc)` and streamed
 from the Arrow cache into the arrays batch by batch, so memory stays bounded by the batch, not the corpus.
-- Text files are read line by line ("\r\n" and "\r" read as "\n"). Each file is a document. The lines are encoded in pieces cut only at
+The steps: load -> check the columns -> the tokenizer -> tokenize -> split plan -> write.
+- Text files are read line by line ("\\r\\n" and "\\r" read as "\\n"). Each file is a document. The lines are encoded in pieces cut only at
   "clean" line breaks (a non-space character before the '\\n' and the next line starting with at most one
   space before text): there GPT-2's pre-tokenizer regex, used by `bpe` and `gpt2`, ends a token at the
   '\\n' whatever follows, so the pieces encode exactly like the whole file. (If no clean break shows up
@@ -23,17 +22,10 @@ from the Arrow cache into the arrays batch by batch, so memory stays bounded by 
   as in the lecture; several documents are split by document (a seeded choice of
   round(val_fraction * n) documents, at least one, goes to val).
 - SFT (`sft=True`): records `{"prompt", "response"}` from a .jsonl source or a recipe. Each is rendered as
-  PROMPT_TEMPLATE (no loss) followed by RESPONSE_TEMPLATE (loss), the two parts encoded separately. A
-  record's `"split": "val"` puts it in val; otherwise pairs are split by document as above.
+  the chat template of tokenizers.py (`render_prompt`, no loss, then `render_response`, loss), the two parts
+  encoded separately. A record's `"split": "val"` puts it in val; otherwise pairs are split by document as above.
 - Recipes: `data.recipe=NAME` runs `records(text) -> list[dict]` from `data/NAME.py` (or a .py path) on the
   source text; records with `prompt`/`response` are pairs (rendered as text when not SFT), else `text`.
-
-Batches: a loader walks ONE global stream of samples. Sample j is a window of block_size + 1 tokens
-(random mode: a start drawn by a generator seeded by (seed, j // 1024); sequential mode: the j-th
-non-overlapping window, wrapping) or, for SFT, a pair. On rank r a call takes samples
-position + r*B ... position + r*B + B - 1, then position += world_size * B, so the samples seen do not
-depend on how they are spread over processes, and `state_dict()` resumes exactly, with any world size.
-Every rank must use the same seed.
 """
 
 from __future__ import annotations
@@ -61,40 +53,23 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dist_gpt.batches import SPLITS, check_split_size, split_files
 from dist_gpt.errors import UserError
-from dist_gpt.io import atomic_write, atomic_write_bytes, atomic_write_json, disk_error, read_json
-from dist_gpt.tokenizers import CharTokenizer, Tokenizer, load_tokenizer, train_tokenizer
+from dist_gpt.io import atomic_write, atomic_write_bytes, atomic_write_json, disk_error, read_json, sha256_file
+from dist_gpt.tokenizers import CharTokenizer, Tokenizer, load_tokenizer, render_prompt, render_response, train_tokenizer
 
 if TYPE_CHECKING:
-    import torch
-
     from dist_gpt.config import Config, DataConfig
 
-PROMPT_TEMPLATE = "PROMPT:\n{prompt}\nRESPONSE:\n"  # masked: no loss on these tokens
-RESPONSE_TEMPLATE = "{response}\n\n"  # trained: the model learns to answer and to stop
-RESPONSE_END = "\n\n"  # what ends a response when sampling in chat mode
-
-SPLITS = ("train", "val")
 FORMAT = 1  # bump when the layout of the prepared files changes: everything rebuilds
 SPLIT_SEED = 1337  # which documents go to val
 LINES_PER_BATCH = 4096  # text lines per Dataset.map batch
 RECORDS_PER_BATCH = 256  # .jsonl / parquet / recipe records per Dataset.map batch
 READ_CHUNK = 1 << 20  # bytes the datasets text/json readers take at a time (their default, 10 MB, costs ~100 MB of peak memory)
 MAX_CUT_SCAN = 256  # lines searched for a clean cut before cutting anyway
-SAMPLE_BLOCK = 1024  # random draws per generator seed: sample j uses the generator of block j // SAMPLE_BLOCK
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "data"
 TMP_DIR = ".prepare_tmp"  # the datasets cache while preparing, inside the data folder, removed afterwards
-
-
-def render_prompt(prompt: str) -> str:
-    """What the model sees before a response (also what the sampler's chat mode feeds it)."""
-    return PROMPT_TEMPLATE.format(prompt=prompt)
-
-
-def render_response(response: str) -> str:
-    return RESPONSE_TEMPLATE.format(response=response)
-
 
 GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG EBOOK.*$", re.MULTILINE | re.IGNORECASE)
 GUTENBERG_END = re.compile(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG EBOOK.*$", re.MULTILINE | re.IGNORECASE)
@@ -178,7 +153,7 @@ def resolve_source(cfg: DataConfig, data_dir: Path, log: Callable[[str], None] =
 def _download(url: str, sha256: str, cache: Path, log: Callable[[str], None]) -> Path:
     """`url` into `cache/` (once), checked against `sha256` when given."""
     dest = cache / (Path(urllib.parse.urlparse(url).path).name or "download")
-    if dest.is_file() and (not sha256 or _sha256(dest) == sha256):
+    if dest.is_file() and (not sha256 or sha256_file(dest) == sha256):
         return dest
     how = "download it yourself and pass --data.source=PATH"
     if _offline():
@@ -199,14 +174,6 @@ def _download(url: str, sha256: str, cache: Path, log: Callable[[str], None]) ->
 
     atomic_write(dest, fetch)
     return dest
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _scan(path: Path, errors: str, check_utf8: bool, log: Callable[[str], None]) -> dict[str, Any]:
@@ -242,38 +209,7 @@ def _scan(path: Path, errors: str, check_utf8: bool, log: Callable[[str], None])
     return {"path": str(path), "size": size, "sha256": digest.hexdigest(), "lines": lines}
 
 
-# ----------------------------------------------------------------------------- reading with datasets
-
-
-def _first_line(e: BaseException) -> str:
-    while e.__cause__ is not None or e.__context__ is not None:
-        e = e.__cause__ or e.__context__  # the innermost error says what was wrong with the input
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
-
-
-def _load(source: Source, cfg: DataConfig, cache: Path) -> Any:
-    """The source as a `datasets.Dataset`: one row per line (text files) or per record."""
-    import datasets
-
-    kwargs: dict[str, Any] = {"split": "train", "cache_dir": str(cache)}
-    chunk = {"chunksize": READ_CHUNK}
-    files = [str(f) for f in source.files]
-    try:
-        if source.kind == "text":
-            return datasets.load_dataset("text", data_files=files, sample_by="line", keep_linebreaks=True, encoding_errors=cfg.errors, **chunk, **kwargs)
-        if source.kind == "json":
-            # the json reader honours encoding_errors only for an encoding not spelled "utf-8"; "utf_8" is the same codec
-            encoding = "utf_8" if cfg.errors == "replace" else "utf-8"
-            return datasets.load_dataset("json", data_files=files, encoding=encoding, encoding_errors=cfg.errors, **chunk, **kwargs)
-        if source.kind == "parquet":
-            return datasets.load_dataset("parquet", data_files=files, **kwargs)
-        name, _, config = source.name.partition(":")
-        return datasets.load_dataset(name, config or None, **kwargs)
-    except Exception as e:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):  # the datasets cache could not be written
-            raise disk_error(cache, e) from None
-        raise UserError(f"cannot read {source.describe()}: {_first_line(e)}") from None
+# ----------------------------------------------------------------------------- recipes
 
 
 def _recipe(name: str) -> tuple[Callable[[str], list[dict]], Path]:
@@ -312,18 +248,112 @@ def _recipe_dataset(ds: Any, recipe: Callable[[str], list[dict]], path: Path, sf
     return datasets.Dataset.from_list(rows)
 
 
-def _texts(ds: Any, columns: list[str], sft: bool) -> Iterator[str]:
-    """The corpus as strings (joined batches of rows), rendered as the model will see it, for training a tokenizer."""
-    for batch in ds.data.to_batches(max_chunksize=1024):
-        if sft:
-            yield "".join(
-                render_prompt(p) + render_response(r) for p, r in zip(batch.column("prompt").to_pylist(), batch.column("response").to_pylist(), strict=True)
-            )
-        else:
-            yield "".join(t or "" for t in batch.column(columns[0]).to_pylist())
+# ----------------------------------------------------------------------------- step 1: load
 
 
-# ----------------------------------------------------------------------------- tokenizing (Dataset.map functions)
+@dataclass
+class Corpus:
+    """The loaded source: a `datasets.Dataset` of lines (text files) or of records, and where its text is."""
+
+    ds: Any
+    columns: list[str]  # the text columns: [text] or, for SFT, [prompt, response]
+    lines: bool  # one row per line of the text files (else one row per record)
+    doc_starts: list[int] = field(default_factory=list)  # lines: the first row of each file
+
+    def texts(self, sft: bool) -> Iterator[str]:
+        """The corpus as strings (joined batches of rows), rendered as the model will see it, for training a tokenizer."""
+        for batch in self.ds.data.to_batches(max_chunksize=1024):
+            if sft:
+                prompts, responses = batch.column("prompt").to_pylist(), batch.column("response").to_pylist()
+                yield "".join(render_prompt(p) + render_response(r) for p, r in zip(prompts, responses, strict=True))
+            else:
+                yield "".join(t or "" for t in batch.column(self.columns[0]).to_pylist())
+
+
+def _first_line(e: BaseException) -> str:
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__  # the innermost error says what was wrong with the input
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def _load(source: Source, cfg: DataConfig, cache: Path) -> Any:
+    """The source as a `datasets.Dataset`: one row per line (text files) or per record."""
+    import datasets
+
+    kwargs: dict[str, Any] = {"split": "train", "cache_dir": str(cache)}
+    chunk = {"chunksize": READ_CHUNK}
+    files = [str(f) for f in source.files]
+    try:
+        if source.kind == "text":
+            return datasets.load_dataset("text", data_files=files, sample_by="line", keep_linebreaks=True, encoding_errors=cfg.errors, **chunk, **kwargs)
+        if source.kind == "json":
+            # the json reader honours encoding_errors only for an encoding not spelled "utf-8"; "utf_8" is the same codec
+            encoding = "utf_8" if cfg.errors == "replace" else "utf-8"
+            return datasets.load_dataset("json", data_files=files, encoding=encoding, encoding_errors=cfg.errors, **chunk, **kwargs)
+        if source.kind == "parquet":
+            return datasets.load_dataset("parquet", data_files=files, **kwargs)
+        name, _, config = source.name.partition(":")
+        return datasets.load_dataset(name, config or None, **kwargs)
+    except Exception as e:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):  # the datasets cache could not be written
+            raise disk_error(cache, e) from None
+        raise UserError(f"cannot read {source.describe()}: {_first_line(e)}") from None
+
+
+def _load_corpus(cfg: DataConfig, source: Source, scans: list[dict], cache: Path, recipe: Callable | None, recipe_path: Path | None, sft: bool) -> Corpus:
+    """Step 1: read the source (and run the recipe on it)."""
+    ds = _load(source, cfg, cache)
+    if source.kind == "text" and recipe is None:
+        if len(ds) != sum(s["lines"] for s in scans):
+            raise RuntimeError(f"line count mismatch: datasets read {len(ds)} lines, expected {sum(s['lines'] for s in scans)}")
+        doc_starts = np.cumsum([0] + [s["lines"] for s in scans[:-1]]).tolist()
+        return Corpus(ds, ["text"], lines=True, doc_starts=doc_starts)
+    if recipe:
+        ds = _recipe_dataset(ds, recipe, recipe_path, sft)
+    column = "text" if recipe else cfg.text_field
+    return Corpus(ds, ["prompt", "response"] if sft else [column], lines=False)
+
+
+# ----------------------------------------------------------------------------- step 2: check the columns
+
+
+def _check_columns(corpus: Corpus, source: Source, sft: bool) -> None:
+    """Step 2: the text columns are there and hold some text."""
+    import pyarrow.compute as pc
+
+    ds = corpus.ds
+    missing = [c for c in corpus.columns if c not in ds.column_names]
+    if missing:
+        hint = "records need prompt and response fields for SFT" if sft else "set data.text_field"
+        raise UserError(f"{source.describe()} has no field {missing[0]!r} (fields: {', '.join(ds.column_names)}): {hint}")
+    if len(ds) == 0 or not sum(pc.sum(pc.binary_length(ds.data.column(c))).as_py() or 0 for c in corpus.columns):
+        raise UserError(f"the corpus is empty: {source.describe()} holds no text")
+
+
+# ----------------------------------------------------------------------------- step 3: the tokenizer
+
+
+def _choose_tokenizer(cfg: DataConfig, corpus: Corpus, tokenizer: Tokenizer | None, sft: bool, log: Callable[[str], None]) -> tuple[Tokenizer, list[str]]:
+    """Step 3: the given tokenizer (finetuning; a char vocabulary must cover the corpus) or one trained on the corpus.
+
+    Returns it and the characters a given char vocabulary lacks (handled as data.unknown says).
+    """
+    if tokenizer is None:
+        log(f"training the {cfg.tokenizer} tokenizer" + (f" (vocab_size {cfg.vocab_size})" if cfg.tokenizer == "bpe" else ""))
+        return train_tokenizer(cfg.tokenizer, corpus.texts(sft), cfg.vocab_size), []
+    if not isinstance(tokenizer, CharTokenizer):
+        return tokenizer, []
+    seen: set[str] = set()
+    for text in corpus.texts(sft):
+        seen.update(text)
+    unknown_chars = tokenizer.missing(seen)
+    if unknown_chars and cfg.unknown == "error":
+        raise tokenizer.unknown_error(unknown_chars)
+    return tokenizer, unknown_chars
+
+
+# ----------------------------------------------------------------------------- step 4: tokenize (Dataset.map functions)
 
 
 def _clean_cut(lines: Any, k: int, n: int, starts: set[int]) -> bool:
@@ -381,7 +411,73 @@ def _encode_records(batch: dict, indices: list[int], *, tokenizer: Tokenizer, un
     return out
 
 
-# ----------------------------------------------------------------------------- writing
+def _tokenize(corpus: Corpus, cfg: DataConfig, tokenizer: Tokenizer, dtype: str, count: bool, sft: bool) -> Any:
+    """Step 4: one Dataset.map over batches of lines or of records -> rows of (ids, doc, unknown[, mask])."""
+    import datasets
+
+    if cfg.num_proc > 1 and tokenizer.kind == "bpe":
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the processes are the parallelism; silences the fork warning
+    kwargs = {"tokenizer": tokenizer, "unknown": cfg.unknown, "dtype": dtype, "count": count}
+    features = {"ids": datasets.List(datasets.Value(dtype)), "doc": datasets.Value("int64"), "unknown": datasets.Value("int64")}
+    if sft:
+        features["mask"] = datasets.List(datasets.Value("uint8"))
+    ds = corpus.ds
+    if corpus.lines:
+        fn, batch_size, writer_batch_size = _encode_lines, LINES_PER_BATCH, 16
+        kwargs.update(table=ds.data, doc_starts=corpus.doc_starts)
+        ds = ds.with_format("arrow")  # the function reads the lines itself; spare converting them
+    else:
+        fn, batch_size, writer_batch_size = _encode_records, RECORDS_PER_BATCH, RECORDS_PER_BATCH
+        kwargs.update(column=corpus.columns[0], sft=sft)
+    return ds.map(
+        fn,
+        batched=True,
+        batch_size=batch_size,
+        with_indices=True,
+        num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+        remove_columns=ds.column_names,
+        fn_kwargs=kwargs,
+        features=datasets.Features(features),
+        writer_batch_size=writer_batch_size,
+        new_fingerprint=uuid.uuid4().hex,  # a fresh cache every time; also spares datasets hashing the function
+        desc=f"tokenizing ({tokenizer.kind})",
+    )
+
+
+# ----------------------------------------------------------------------------- step 5: the split plan
+
+
+def _split_plan(docs: np.ndarray, lengths: np.ndarray, marked: list[str], val_fraction: float, sft: bool, source: Source) -> dict[str, tuple]:
+    """Step 5: per split, (which rows, token range [lo, hi) of their concatenation): by position in one document, else by document."""
+    every, total = np.ones(len(docs), dtype=bool), int(lengths.sum())
+    doc_ids = np.unique(docs)
+    if any(marked):  # the records say (doc = record index)
+        bad = sorted({m for m in marked if m not in ("", "train", "val")})
+        if bad:
+            raise UserError(f'records may mark "split" as "train" or "val", not {bad[0]!r}')
+        val_docs = np.flatnonzero(np.array(marked) == "val")
+    elif len(doc_ids) == 1 and not sft:  # the lecture: the first (1 - val_fraction) of the tokens train
+        n_train = int(total * (1 - val_fraction))
+        return {"train": (every, 0, n_train), "val": (every, n_train, total)}
+    elif len(doc_ids) < 2:
+        raise UserError(f"{source.describe()} holds a single prompt/response pair: SFT needs at least two, one for validation")
+    else:
+        n_val = max(1, round(val_fraction * len(doc_ids)))
+        val_docs = np.random.default_rng(SPLIT_SEED).permutation(doc_ids)[:n_val]
+    is_val = np.isin(docs, val_docs)
+    return {"train": (~is_val, 0, total), "val": (is_val, 0, total)}
+
+
+def _check_sizes(meta: dict, block_size: int) -> None:
+    for split in SPLITS:
+        if meta.get("sft"):
+            if meta["documents"][split] < 1:
+                raise UserError(f"the {split} split has no prompt/response pairs: supply more pairs or change data.val_fraction")
+        else:
+            check_split_size(split, meta["tokens"][split], block_size)
+
+
+# ----------------------------------------------------------------------------- step 6: write
 
 
 def _write_split(path: Path, enc: Any, column: str, rows: np.ndarray, lo: int, hi: int, dtype: str) -> None:
@@ -402,6 +498,24 @@ def _write_split(path: Path, enc: Any, column: str, rows: np.ndarray, lo: int, h
                 pos += len(values)
 
     atomic_write(path, write)
+
+
+def _write(data_dir: Path, enc: Any, plan: dict[str, tuple], lengths: np.ndarray, dtype: str, sft: bool, tokenizer: Tokenizer) -> None:
+    """Step 6: the arrays and the tokenizer. meta.json goes first (so a half-written folder never looks valid) and comes back last."""
+    (data_dir / "meta.json").unlink(missing_ok=True)
+    for name in os.listdir(data_dir):
+        if name.startswith(".") and ".tmp" in name:
+            (data_dir / name).unlink(missing_ok=True)  # leftovers of a killed prepare
+    for split, (rows, lo, hi) in plan.items():
+        _write_split(data_dir / f"{split}.bin", enc, "ids", rows, lo, hi, dtype)
+        if sft:
+            _write_split(data_dir / f"{split}.mask.bin", enc, "mask", rows, lo, hi, "uint8")
+            offsets = np.concatenate([[0], np.cumsum(lengths[rows])]).astype(np.int64)
+            atomic_write_bytes(data_dir / f"{split}.idx.bin", offsets.tobytes())
+        else:
+            for extra in (f"{split}.mask.bin", f"{split}.idx.bin"):
+                (data_dir / extra).unlink(missing_ok=True)
+    tokenizer.save(data_dir / "tokenizer.json")
 
 
 def _versions() -> dict[str, str]:
@@ -437,36 +551,11 @@ def _settings(cfg: DataConfig, source: Source, tokenizer: Tokenizer | None, sft:
         "val_fraction": cfg.val_fraction,
         "split_seed": SPLIT_SEED,
         "text_field": cfg.text_field if source.kind != "text" else None,
-        "recipe": {"name": cfg.recipe, "sha256": _sha256(recipe_path)} if recipe_path else None,
+        "recipe": {"name": cfg.recipe, "sha256": sha256_file(recipe_path)} if recipe_path else None,
         "errors": cfg.errors,
         "unknown": cfg.unknown if isinstance(tokenizer, CharTokenizer) else None,
         "sft": sft,
     }
-
-
-def _split_files(meta: dict) -> dict[str, int]:
-    """Expected size in bytes of each prepared file."""
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    sizes = {}
-    for split in SPLITS:
-        n = meta["tokens"][split]
-        sizes[f"{split}.bin"] = n * itemsize
-        if meta.get("sft"):
-            sizes[f"{split}.mask.bin"] = n
-            sizes[f"{split}.idx.bin"] = (meta["documents"][split] + 1) * 8
-    return sizes
-
-
-def _check_sizes(meta: dict, block_size: int) -> None:
-    for split in SPLITS:
-        if meta.get("sft"):
-            if meta["documents"][split] < 1:
-                raise UserError(f"the {split} split has no prompt/response pairs: supply more pairs or change data.val_fraction")
-        elif meta["tokens"][split] < max(block_size + 1, 2):
-            raise UserError(
-                f"the {split} split has {meta['tokens'][split]:,} tokens, fewer than block_size + 1 = {block_size + 1}: "
-                "use a larger corpus, change data.val_fraction, or lower model.block_size"
-            )
 
 
 def prepare(
@@ -532,7 +621,7 @@ def _current_meta(data_dir: Path, fingerprint: str) -> dict | None:
         meta = read_json(path, "meta file")
         if meta.get("fingerprint") != fingerprint:
             return None
-        sizes = _split_files(meta)
+        sizes = split_files(meta)
     except (UserError, KeyError, TypeError, ValueError):
         return None
     files_ok = all((data_dir / name).is_file() and (data_dir / name).stat().st_size == size for name, size in sizes.items())
@@ -552,74 +641,42 @@ def _build(
     block_size: int,
     log: Callable[[str], None],
 ) -> dict:
-    """Load, tokenize, split and write (into `data_dir`, with the datasets cache in `tmp`); returns meta."""
+    """Load -> check the columns -> the tokenizer -> tokenize -> split plan -> write (the datasets cache in `tmp`); returns meta."""
     import datasets
     import pyarrow.compute as pc
 
     datasets.utils.logging.set_verbosity_error()
-    ds = _load(source, cfg, tmp)
-    lines = source.kind == "text" and recipe is None  # one row per line, else one row per record
-    if lines and len(ds) != sum(s["lines"] for s in scans):
-        raise RuntimeError(f"line count mismatch: datasets read {len(ds)} lines, expected {sum(s['lines'] for s in scans)}")
-    if recipe:
-        ds = _recipe_dataset(ds, recipe, recipe_path, sft)
-    column = "text" if lines or recipe else cfg.text_field
-    needed = ["prompt", "response"] if sft else [column]
-    missing = [c for c in needed if c not in ds.column_names]
-    if missing:
-        hint = "records need prompt and response fields for SFT" if sft else "set data.text_field"
-        raise UserError(f"{source.describe()} has no field {missing[0]!r} (fields: {', '.join(ds.column_names)}): {hint}")
-    if len(ds) == 0 or not sum(pc.sum(pc.binary_length(ds.data.column(c))).as_py() or 0 for c in needed):
-        raise UserError(f"the corpus is empty: {source.describe()} holds no text")
-
-    # the tokenizer: given (finetuning; a char vocabulary must cover the corpus) or trained on the corpus
-    unknown_chars: list[str] = []
-    if tokenizer is None:
-        log(f"training the {cfg.tokenizer} tokenizer" + (f" (vocab_size {cfg.vocab_size})" if cfg.tokenizer == "bpe" else ""))
-        tokenizer = train_tokenizer(cfg.tokenizer, _texts(ds, needed, sft), cfg.vocab_size)
-    elif isinstance(tokenizer, CharTokenizer):
-        seen: set[str] = set()
-        for text in _texts(ds, needed, sft):
-            seen.update(text)
-        unknown_chars = tokenizer.missing(seen)
-        if unknown_chars and cfg.unknown == "error":
-            raise tokenizer.unknown_error(unknown_chars)
+    corpus = _load_corpus(cfg, source, scans, tmp, recipe, recipe_path, sft)
+    _check_columns(corpus, source, sft)
+    tokenizer, unknown_chars = _choose_tokenizer(cfg, corpus, tokenizer, sft, log)
     dtype = dtype_for(tokenizer.vocab_size)
-
-    # tokenize: one Dataset.map over batches of lines or of records
-    if cfg.num_proc > 1 and tokenizer.kind == "bpe":
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the processes are the parallelism; silences the fork warning
-    kwargs = {"tokenizer": tokenizer, "unknown": cfg.unknown, "dtype": dtype, "count": bool(unknown_chars)}
-    features = {"ids": datasets.List(datasets.Value(dtype)), "doc": datasets.Value("int64"), "unknown": datasets.Value("int64")}
-    if sft:
-        features["mask"] = datasets.List(datasets.Value("uint8"))
-    if lines:
-        doc_starts = np.cumsum([0] + [s["lines"] for s in scans[:-1]]).tolist()
-        fn, batch_size, writer_batch_size = _encode_lines, LINES_PER_BATCH, 16
-        kwargs.update(table=ds.data, doc_starts=doc_starts)
-        ds = ds.with_format("arrow")  # the function reads the lines itself; spare converting them
-    else:
-        fn, batch_size, writer_batch_size = _encode_records, RECORDS_PER_BATCH, RECORDS_PER_BATCH
-        kwargs.update(column=column, sft=sft)
-    enc = ds.map(
-        fn,
-        batched=True,
-        batch_size=batch_size,
-        with_indices=True,
-        num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
-        remove_columns=ds.column_names,
-        fn_kwargs=kwargs,
-        features=datasets.Features(features),
-        writer_batch_size=writer_batch_size,
-        new_fingerprint=uuid.uuid4().hex,  # a fresh cache every time; also spares datasets hashing the function
-        desc=f"tokenizing ({tokenizer.kind})",
-    )
+    enc = _tokenize(corpus, cfg, tokenizer, dtype, bool(unknown_chars), sft)
 
     lengths = pc.list_value_length(enc.data.column("ids")).to_numpy(zero_copy_only=False).astype(np.int64)
     docs = enc.data.column("doc").to_numpy()
+    ds = corpus.ds
     marked = [m or "" for m in ds.data.column("split").to_pylist()] if "split" in ds.column_names else []
     plan = _split_plan(docs, lengths, marked, cfg.val_fraction, sft, source)
-    meta: dict[str, Any] = {
+    meta = _meta(tokenizer, dtype, plan, lengths, docs, sft, cfg, source, scans)
+    _check_sizes(meta, block_size)
+    if unknown_chars:
+        changed = int(pc.sum(enc.data.column("unknown")).as_py())
+        verb = "dropped" if cfg.unknown == "drop" else f"replaced with {tokenizer.replacement!r}"
+        log(f"{changed:,} characters outside the vocabulary {verb} (data.unknown={cfg.unknown}): {', '.join(map(repr, unknown_chars[:10]))}")
+        meta["unknown"] = {"mode": cfg.unknown, "chars": "".join(unknown_chars), "count": changed}
+    if sft and block_size:
+        long = int((lengths[plan["train"][0]] > block_size + 1).sum())
+        if long:
+            log(f"{long} of {meta['documents']['train']} train pairs are longer than block_size + 1 = {block_size + 1} tokens and will be truncated")
+    _write(data_dir, enc, plan, lengths, dtype, sft, tokenizer)
+    return meta
+
+
+def _meta(
+    tokenizer: Tokenizer, dtype: str, plan: dict, lengths: np.ndarray, docs: np.ndarray, sft: bool, cfg: DataConfig, source: Source, scans: list[dict]
+) -> dict:
+    """meta.json's content (prepare adds the fingerprint, the settings and the time)."""
+    return {
         "format": FORMAT,
         "tokenizer": tokenizer.kind,
         "vocab_size": tokenizer.vocab_size,
@@ -636,54 +693,6 @@ def _build(
         "tokenizer_fingerprint": tokenizer.fingerprint(),
         "versions": _versions(),
     }
-    _check_sizes(meta, block_size)
-    if unknown_chars:
-        changed = int(pc.sum(enc.data.column("unknown")).as_py())
-        verb = "dropped" if cfg.unknown == "drop" else f"replaced with {tokenizer.replacement!r}"
-        log(f"{changed:,} characters outside the vocabulary {verb} (data.unknown={cfg.unknown}): {', '.join(map(repr, unknown_chars[:10]))}")
-        meta["unknown"] = {"mode": cfg.unknown, "chars": "".join(unknown_chars), "count": changed}
-    if sft and block_size:
-        long = int((lengths[plan["train"][0]] > block_size + 1).sum())
-        if long:
-            log(f"{long} of {meta['documents']['train']} train pairs are longer than block_size + 1 = {block_size + 1} tokens and will be truncated")
-
-    # write: meta.json goes first (so a half-written folder never looks valid) and comes back last
-    (data_dir / "meta.json").unlink(missing_ok=True)
-    for name in os.listdir(data_dir):
-        if name.startswith(".") and ".tmp" in name:
-            (data_dir / name).unlink(missing_ok=True)  # leftovers of a killed prepare
-    for split, (rows, lo, hi) in plan.items():
-        _write_split(data_dir / f"{split}.bin", enc, "ids", rows, lo, hi, dtype)
-        if sft:
-            _write_split(data_dir / f"{split}.mask.bin", enc, "mask", rows, lo, hi, "uint8")
-            offsets = np.concatenate([[0], np.cumsum(lengths[rows])]).astype(np.int64)
-            atomic_write_bytes(data_dir / f"{split}.idx.bin", offsets.tobytes())
-        else:
-            for extra in (f"{split}.mask.bin", f"{split}.idx.bin"):
-                (data_dir / extra).unlink(missing_ok=True)
-    tokenizer.save(data_dir / "tokenizer.json")
-    return meta
-
-
-def _split_plan(docs: np.ndarray, lengths: np.ndarray, marked: list[str], val_fraction: float, sft: bool, source: Source) -> dict[str, tuple]:
-    """Per split, (which rows, token range [lo, hi) of their concatenation): by position in one document, else by document."""
-    every, total = np.ones(len(docs), dtype=bool), int(lengths.sum())
-    doc_ids = np.unique(docs)
-    if any(marked):  # the records say (doc = record index)
-        bad = sorted({m for m in marked if m not in ("", "train", "val")})
-        if bad:
-            raise UserError(f'records may mark "split" as "train" or "val", not {bad[0]!r}')
-        val_docs = np.flatnonzero(np.array(marked) == "val")
-    elif len(doc_ids) == 1 and not sft:  # the lecture: the first (1 - val_fraction) of the tokens train
-        n_train = int(total * (1 - val_fraction))
-        return {"train": (every, 0, n_train), "val": (every, n_train, total)}
-    elif len(doc_ids) < 2:
-        raise UserError(f"{source.describe()} holds a single prompt/response pair: SFT needs at least two, one for validation")
-    else:
-        n_val = max(1, round(val_fraction * len(doc_ids)))
-        val_docs = np.random.default_rng(SPLIT_SEED).permutation(doc_ids)[:n_val]
-    is_val = np.isin(docs, val_docs)
-    return {"train": (~is_val, 0, total), "val": (is_val, 0, total)}
 
 
 def prepare_from_config(cfg: Config, log: Callable[[str], None] = print) -> dict:
@@ -699,149 +708,3 @@ def prepare_from_config(cfg: Config, log: Callable[[str], None] = print) -> dict
             raise UserError(f"finetune.init_from: run directory not found: {parent}")
         tokenizer = load_tokenizer(Path(parent) / "tokenizer.json")
     return prepare(cfg.data, data_dir=cfg.data_dir, tokenizer=tokenizer, sft=cfg.finetune.kind == "sft", log=log, block_size=cfg.model.block_size)
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def load_meta(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / "meta.json"
-    if not path.is_file():
-        raise UserError(f"{data_dir} holds no prepared data (meta.json is missing): run `python launch/prepare.py --config CONFIG`")
-    return read_json(path, "meta file")
-
-
-@dataclass
-class TokenSplit:
-    """One prepared split: memory-mapped tokens and, for SFT, the loss mask and the pair offsets."""
-
-    name: str
-    tokens: np.ndarray
-    mask: np.ndarray | None = None
-    offsets: np.ndarray | None = None  # int64: start of each pair, then the end
-
-    @property
-    def sft(self) -> bool:
-        return self.offsets is not None
-
-    @property
-    def pairs(self) -> int:
-        return len(self.offsets) - 1 if self.offsets is not None else 0
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-
-def open_split(data_dir: str | Path, split: str) -> TokenSplit:
-    data_dir = Path(data_dir)
-    meta = load_meta(data_dir)
-    if split not in SPLITS:
-        raise UserError(f"unknown split {split!r}: one of {', '.join(SPLITS)}")
-    for name, size in _split_files(meta).items():
-        path = data_dir / name
-        if name.startswith(f"{split}.") and (not path.is_file() or path.stat().st_size != size):
-            raise UserError(f"{path} is missing or does not match meta.json: run `python launch/prepare.py` again")
-    tokens = np.memmap(data_dir / f"{split}.bin", dtype=meta["dtype"], mode="r")
-    if not meta.get("sft"):
-        return TokenSplit(split, tokens)
-    mask = np.memmap(data_dir / f"{split}.mask.bin", dtype=np.uint8, mode="r")
-    offsets = np.fromfile(data_dir / f"{split}.idx.bin", dtype=np.int64)
-    return TokenSplit(split, tokens, mask, offsets)
-
-
-# ----------------------------------------------------------------------------- batches
-
-
-class _Sampler:
-    """Sample j of a stream -> (x, y): a window of the tokens or an SFT pair, fixed by (seed, stream, j)."""
-
-    def __init__(self, split: TokenSplit, block_size: int, seed: int, mode: str, stream: int):
-        if mode not in ("random", "sequential"):
-            raise UserError(f"data.loader must be random or sequential, got {mode!r}")
-        self.split, self.T, self.mode = split, block_size, mode
-        self.key = [seed % (1 << 64), stream]
-        if split.sft:
-            self.n = split.pairs
-            if self.n < 1:
-                raise UserError(f"the {split.name} split has no prompt/response pairs: prepare it again with more pairs")
-        else:
-            if len(split) < block_size + 1:
-                raise UserError(
-                    f"the {split.name} split has {len(split):,} tokens, fewer than block_size + 1 = {block_size + 1}: lower model.block_size or use more data"
-                )
-            self.n = len(split) - block_size if mode == "random" else (len(split) - 1) // block_size
-        self._blocks: dict[int, np.ndarray] = {}
-
-    def _draw(self, js: np.ndarray) -> np.ndarray:
-        """Random ints in [0, n) for samples js, SAMPLE_BLOCK draws per seeded generator."""
-        out = np.empty(len(js), dtype=np.int64)
-        blocks = js // SAMPLE_BLOCK
-        for b in np.unique(blocks):
-            if b not in self._blocks:
-                if len(self._blocks) > 2:
-                    self._blocks.clear()
-                self._blocks[b] = np.random.default_rng([*self.key, int(b)]).integers(0, self.n, SAMPLE_BLOCK)
-            sel = blocks == b
-            out[sel] = self._blocks[b][js[sel] % SAMPLE_BLOCK]
-        return out
-
-    def batch(self, js: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch
-
-        picks = self._draw(js) if self.mode == "random" else js % self.n
-        T, tokens = self.T, self.split.tokens
-        if not self.split.sft:
-            starts = picks if self.mode == "random" else picks * T
-            idx = starts[:, None] + np.arange(T)
-            return torch.from_numpy(tokens[idx].astype(np.int64)), torch.from_numpy(tokens[idx + 1].astype(np.int64))
-        # SFT: the pair's first T + 1 tokens; x padded with 0, y with -100, and -100 wherever the target is prompt
-        starts, ends = self.split.offsets[picks], self.split.offsets[picks + 1]
-        idx = starts[:, None] + np.arange(T + 1)
-        inside = idx < ends[:, None]
-        idx = np.minimum(idx, len(tokens) - 1)
-        seq, mask = tokens[idx].astype(np.int64), self.split.mask[idx]
-        keep = inside[:, 1:]
-        x = np.where(keep, seq[:, :-1], 0)
-        y = np.where(keep & (mask[:, 1:] == 1), seq[:, 1:], -100)
-        return torch.from_numpy(x), torch.from_numpy(y)
-
-
-class BatchLoader:
-    """Batches of (x, y), int64 (batch_size, block_size), from one global stream of samples (see the module docstring)."""
-
-    def __init__(self, split: TokenSplit, block_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, mode: str = "random"):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.split, self.block_size, self.batch_size = split, block_size, batch_size
-        self.seed, self.rank, self.world_size, self.mode = seed, rank, world_size, mode
-        self._sampler = _Sampler(split, block_size, seed, mode, stream=0)
-        self.position = 0  # samples the whole world has taken so far
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        js = self.position + self.rank * self.batch_size + np.arange(self.batch_size)
-        self.position += self.world_size * self.batch_size
-        return self._sampler.batch(js)
-
-    @property
-    def truncated(self) -> int:
-        """SFT pairs longer than block_size + 1 tokens (their tails are never trained on)."""
-        if not self.split.sft:
-            return 0
-        return int((np.diff(self.split.offsets) > self.block_size + 1).sum())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "seed": self.seed, "mode": self.mode, "split": self.split.name}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "mode"):
-            if key in state and state[key] != getattr(self, key):
-                raise UserError(f"the checkpoint's data loader used {key}={state[key]!r}, this run {getattr(self, key)!r}: resume with the same setting")
-        self.position = int(state["position"])
-
-
-def eval_batches(
-    split: TokenSplit, block_size: int, batch_size: int, n_batches: int, seed: int, rank: int = 0, world_size: int = 1
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The same n_batches random batches at every evaluation; batch b is evaluated by rank b % world_size."""
-    sampler = _Sampler(split, block_size, seed, "random", stream=1)
-    return (sampler.batch(b * batch_size + np.arange(batch_size)) for b in range(rank, n_batches, world_size))
