@@ -15,6 +15,7 @@ import dist_gpt.prepare as prepare_mod
 from dist_gpt.batches import BatchLoader, load_meta, open_split
 from dist_gpt.config import Config, DataConfig
 from dist_gpt.errors import UserError
+from dist_gpt.io import sha256_file
 from dist_gpt.prepare import prepare, prepare_from_config
 from dist_gpt.tokenizers import GPT2_FILE_ENV, CharTokenizer, load_tokenizer, render_prompt, render_response
 
@@ -213,26 +214,33 @@ def test_rerun_is_a_noop_and_changes_rebuild(tmp_path):
     assert "prepared" in logs[-1] and (out / "val.bin").is_file()
 
 
-def test_interrupted_prepare_leaves_nothing_that_looks_valid(tmp_path, monkeypatch):
+def folder_hashes(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under `folder` but the lock file (it holds the PID of the last prepare)."""
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_interrupted_prepare_leaves_the_old_folder_whole(tmp_path, monkeypatch):
+    """Every new file is complete under a temporary name before the first rename: an interruption while writing
+    leaves the old prepared folder byte for byte, and no temporary file; the next run rebuilds."""
     src = tmp_path / "c.txt"
     src.write_text("hello world\n" * 100, encoding="utf-8")
     out = tmp_path / "out"
     build(src, out)
+    before = folder_hashes(out)
     src.write_text("goodbye world\n" * 100, encoding="utf-8")
     real = prepare_mod._write_split
 
-    def crash_during_val(path, *args):
+    def crash_during_val(staged, path, *args):
         if path.name == "val.bin":
             raise KeyboardInterrupt
-        real(path, *args)
+        real(staged, path, *args)
 
     monkeypatch.setattr(prepare_mod, "_write_split", crash_during_val)
     with pytest.raises(KeyboardInterrupt):
         build(src, out)
-    assert not (out / "meta.json").exists()
-    with pytest.raises(UserError, match="meta.json is missing"):
-        open_split(out, "train")
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files or datasets cache left
+    assert folder_hashes(out) == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock"]  # no temporary files or datasets cache left
+    assert len(open_split(out, "train")) == 1080  # the old data, still whole
     monkeypatch.setattr(prepare_mod, "_write_split", real)
     assert build(src, out)["tokens"]["train"] == 1260  # the next run rebuilds
 
