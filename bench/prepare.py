@@ -1,4 +1,4 @@
-"""Benchmark `dist_gpt.data.prepare` against a plain loop: speed and peak memory.
+"""Benchmark `dist_gpt.prepare.prepare` against a plain loop: speed and peak memory.
 
     python bench/prepare.py --mb 100 --mb 400          # the real run (minutes); --mb 5 checks the script
 
@@ -53,7 +53,7 @@ def worker(job: dict) -> dict:
     import numpy as np
 
     from dist_gpt.config import DataConfig
-    from dist_gpt.data import prepare
+    from dist_gpt.prepare import prepare
     from dist_gpt.tokenizers import load_tokenizer
 
     out = Path(job["out"])

@@ -28,10 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dist_gpt.config import load_config  # noqa: E402
-from dist_gpt.data import prepare  # noqa: E402
 from dist_gpt.hardware import decide  # noqa: E402
 from dist_gpt.model import GPT  # noqa: E402
 from dist_gpt.optim import make_optimizer  # noqa: E402
+from dist_gpt.prepare import prepare  # noqa: E402
 from dist_gpt.tokenizers import load_tokenizer  # noqa: E402
 
 

@@ -9,7 +9,7 @@ data.val_fraction of the text validates).
 
 from __future__ import annotations
 
-from dist_gpt.data import strip_gutenberg
+from dist_gpt.prepare import strip_gutenberg
 
 
 def records(text: str) -> list[dict]:

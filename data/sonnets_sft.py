@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import textwrap
 
-from dist_gpt.data import strip_gutenberg
+from dist_gpt.prepare import strip_gutenberg
 
 VAL_EVERY = 10
 NUMERAL = re.compile(r"\s*[IVXLC]+\.?\s*")

@@ -41,7 +41,7 @@ class DataConfig:
     sha256: str = opt("", "expected SHA-256 of a downloaded source file (checked after download)")
     dir: str = opt("", "where the prepared arrays go; empty means data/<name>")
     text_field: str = opt("text", "column holding the text in .jsonl / parquet / Hub sources")
-    recipe: str = opt("", "a recipe in data/ (or a .py path) that turns the source into records before tokenizing, e.g. sonnets_sft")
+    recipe: str = opt("", "name of a recipe file in the repository's data/ folder, without .py (e.g. sonnets_sft), that turns the source into records")
     tokenizer: str = opt("char", "char: one token per character; bpe: byte-level BPE trained on the corpus; gpt2: tiktoken GPT-2", ("char", "bpe", "gpt2"))
     vocab_size: int = opt(2048, "BPE vocabulary size to train (tokenizer=bpe only)")
     val_fraction: float = opt(0.1, "share of the corpus held out for validation (the last part of a single document)")

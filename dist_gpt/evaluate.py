@@ -151,7 +151,7 @@ def summarize(run: str, what: str, nll: float, count: int, n_windows: int, block
 
 def split_tokens(data_dir: Path, split: str, tokenizer: Any) -> Tokens:
     """A prepared split as one document (text) or one document per pair (SFT); its tokenizer must be the run's."""
-    from dist_gpt.data import load_meta, open_split
+    from dist_gpt.batches import load_meta, open_split
 
     meta = load_meta(data_dir)
     if meta.get("tokenizer_fingerprint") != tokenizer.fingerprint():

@@ -75,8 +75,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def chat_prompt(prompt: str) -> tuple[str, str]:
-    """The prompt wrapped in the SFT template, and the text that ends a response (both from dist_gpt.data)."""
-    from dist_gpt.data import RESPONSE_END, render_prompt  # imported here: data pulls in `datasets`
+    """The prompt wrapped in the SFT template, and the text that ends a response (both from dist_gpt.tokenizers)."""
+    from dist_gpt.tokenizers import RESPONSE_END, render_prompt
 
     return render_prompt(prompt), RESPONSE_END
 

@@ -21,12 +21,13 @@ import numpy as np
 import torch
 
 from dist_gpt import lora
+from dist_gpt.batches import load_meta, open_split
 from dist_gpt.checkpoint import TrainState, read_train_state
 from dist_gpt.cli import config_path, parse_stage_args
 from dist_gpt.config import Config, GPTConfig
-from dist_gpt.data import load_meta, open_split, prepare
 from dist_gpt.errors import UserError
 from dist_gpt.model import GPT
+from dist_gpt.prepare import prepare
 from dist_gpt.rundir import RunDir, is_locked, load_run, read_config, read_summary
 from dist_gpt.runtime import check_memory, make_accelerator, on_main, resolve_batching, teardown
 from dist_gpt.tokenizers import Tokenizer, load_tokenizer

@@ -15,6 +15,9 @@
 
 A tokenizer is saved as JSON: `{"format": "dist_gpt.tokenizer", "version": 1, "kind": ..., ...}`.
 `to_hf()` gives an equivalent Hugging Face `tokenizers.Tokenizer` (for the export to transformers).
+
+The chat template of SFT data lives here too: `render_prompt(p) + render_response(r)` is what a
+prompt/response pair looks like to the model (prepare encodes it, `sample.py --chat` feeds the prompt).
 """
 
 from __future__ import annotations
@@ -37,6 +40,19 @@ VERSION = 1
 KINDS = ("char", "bpe", "gpt2")
 UNKNOWN_MODES = ("error", "drop", "replace")
 GPT2_FILE_ENV = "DIST_GPT_GPT2_TIKTOKEN"
+
+PROMPT_TEMPLATE = "PROMPT:\n{prompt}\nRESPONSE:\n"  # masked: no loss on these tokens
+RESPONSE_TEMPLATE = "{response}\n\n"  # trained: the model learns to answer and to stop
+RESPONSE_END = "\n\n"  # what ends a response when sampling in chat mode
+
+
+def render_prompt(prompt: str) -> str:
+    """What the model sees before a response (also what the sampler's chat mode feeds it)."""
+    return PROMPT_TEMPLATE.format(prompt=prompt)
+
+
+def render_response(response: str) -> str:
+    return RESPONSE_TEMPLATE.format(response=response)
 
 
 class Tokenizer:
@@ -172,7 +188,7 @@ class BPETokenizer(Tokenizer):
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
         tok = hf.Tokenizer(hf.models.BPE())
-        # GPT-2's regex, no prefix space: pieces of a text cut at a clean line break encode like the whole (see data.py)
+        # GPT-2's regex, no prefix space: pieces of a text cut at a clean line break encode like the whole (see prepare.py)
         tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = hf.decoders.ByteLevel()
         trainer = hf.trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

@@ -13,7 +13,7 @@ import torch
 from conftest import run_script
 from safetensors.torch import load_file
 
-from dist_gpt.data import eval_batches, open_split
+from dist_gpt.batches import eval_batches, open_split
 from dist_gpt.errors import UserError
 from dist_gpt.optim import lr_at
 from dist_gpt.rundir import load_run

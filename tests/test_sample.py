@@ -89,13 +89,13 @@ def test_help_explains_every_flag():
 
 
 def test_chat_wraps_the_prompt_in_the_sft_template(run_dir):
-    from dist_gpt import data
+    from dist_gpt.tokenizers import RESPONSE_END, render_prompt
 
     result = sample(run_dir, "--chat", "--prompt", "be", "--max_new_tokens", "40")
     assert result.returncode == 0, result.stderr
-    wrapped = data.render_prompt("be")
+    wrapped = render_prompt("be")
     assert result.stdout.startswith(wrapped)
-    assert data.RESPONSE_END not in result.stdout[len(wrapped) : -1]  # printed only up to the end of the response
+    assert RESPONSE_END not in result.stdout[len(wrapped) : -1]  # printed only up to the end of the response
 
 
 # ----------------------------------------------------------------------------- in process: streaming and stopping

@@ -1,4 +1,4 @@
-"""The data pipeline: prepare (sources, splits, dtypes, fingerprints, SFT, recipes), the reader, the batch loaders, bad input."""
+"""Prepare: sources, splits, dtypes, fingerprints, SFT, recipes, and bad input as a user meets it."""
 
 from __future__ import annotations
 
@@ -9,14 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import REPO, run_script, toy_gpt2_file
 
-import dist_gpt.data as data
+import dist_gpt.prepare as prepare_mod
+from dist_gpt.batches import BatchLoader, load_meta, open_split
 from dist_gpt.config import Config, DataConfig
-from dist_gpt.data import BatchLoader, eval_batches, load_meta, open_split, prepare, prepare_from_config, render_prompt, render_response
 from dist_gpt.errors import UserError
-from dist_gpt.tokenizers import GPT2_FILE_ENV, CharTokenizer, load_tokenizer
+from dist_gpt.io import sha256_file
+from dist_gpt.prepare import prepare
+from dist_gpt.stages import prepare_from_config
+from dist_gpt.tokenizers import GPT2_FILE_ENV, CharTokenizer, load_tokenizer, render_prompt, render_response
 
 ENV = {"PYTHONPATH": str(REPO)}  # the launch scripts import dist_gpt from the checkout
 
@@ -88,7 +90,7 @@ def test_bpe_arrays_equal_encoding_the_whole_text(shakespeare, text, tmp_path):
 @pytest.mark.parametrize("kind", ["char", "bpe"])
 def test_clean_cuts_encode_like_the_whole_text(kind, tmp_path, monkeypatch):
     """Tiny map batches force many cuts through blank lines, indents and trailing spaces: ids still equal encode(whole)."""
-    monkeypatch.setattr(data, "LINES_PER_BATCH", 7)
+    monkeypatch.setattr(prepare_mod, "LINES_PER_BATCH", 7)
     corpus = lines_corpus(3000)
     (tmp_path / "c.txt").write_text(corpus, encoding="utf-8")
     build(tmp_path / "c.txt", tmp_path / "out", tokenizer=kind, vocab_size=300)
@@ -100,7 +102,7 @@ def test_clean_cuts_encode_like_the_whole_text(kind, tmp_path, monkeypatch):
 def test_gpt2_arrays_equal_encoding_the_whole_text(tmp_path, monkeypatch):
     """tiktoken's GPT-2 regex cuts like the bpe one; a toy ranks file stands in for the real gpt2.tiktoken (no network)."""
     monkeypatch.setenv(GPT2_FILE_ENV, str(toy_gpt2_file(tmp_path / "gpt2.tiktoken", [b"th", b"ou", b"thou", b" thou", b"\n\n", b"  "])))
-    monkeypatch.setattr(data, "LINES_PER_BATCH", 7)
+    monkeypatch.setattr(prepare_mod, "LINES_PER_BATCH", 7)
     corpus = lines_corpus(2000, seed=2)
     (tmp_path / "c.txt").write_text(corpus, encoding="utf-8")
     meta = build(tmp_path / "c.txt", tmp_path / "out", tokenizer="gpt2")
@@ -213,27 +215,34 @@ def test_rerun_is_a_noop_and_changes_rebuild(tmp_path):
     assert "prepared" in logs[-1] and (out / "val.bin").is_file()
 
 
-def test_interrupted_prepare_leaves_nothing_that_looks_valid(tmp_path, monkeypatch):
+def folder_hashes(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under `folder` but the lock file (it holds the PID of the last prepare)."""
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_interrupted_prepare_leaves_the_old_folder_whole(tmp_path, monkeypatch):
+    """Every new file is complete under a temporary name before the first rename: an interruption while writing
+    leaves the old prepared folder byte for byte, and no temporary file; the next run rebuilds."""
     src = tmp_path / "c.txt"
     src.write_text("hello world\n" * 100, encoding="utf-8")
     out = tmp_path / "out"
     build(src, out)
+    before = folder_hashes(out)
     src.write_text("goodbye world\n" * 100, encoding="utf-8")
-    real = data._write_split
+    real = prepare_mod._write_split
 
-    def crash_during_val(path, *args):
+    def crash_during_val(staged, path, *args):
         if path.name == "val.bin":
             raise KeyboardInterrupt
-        real(path, *args)
+        real(staged, path, *args)
 
-    monkeypatch.setattr(data, "_write_split", crash_during_val)
+    monkeypatch.setattr(prepare_mod, "_write_split", crash_during_val)
     with pytest.raises(KeyboardInterrupt):
         build(src, out)
-    assert not (out / "meta.json").exists()
-    with pytest.raises(UserError, match="meta.json is missing"):
-        open_split(out, "train")
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files or datasets cache left
-    monkeypatch.setattr(data, "_write_split", real)
+    assert folder_hashes(out) == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock"]  # no temporary files or datasets cache left
+    assert len(open_split(out, "train")) == 1080  # the old data, still whole
+    monkeypatch.setattr(prepare_mod, "_write_split", real)
     assert build(src, out)["tokens"]["train"] == 1260  # the next run rebuilds
 
 
@@ -330,7 +339,8 @@ def test_gutenberg_recipe_keeps_the_book_alone_and_the_lectures_split(tmp_path):
     book = "".join(f"line {i}: thou art\n" for i in range(200))
     raw = (
         "The Project Gutenberg eBook of X\r\nRelease date: 1998\r\n"
-        "*** START OF THE PROJECT GUTENBERG EBOOK X ***\r\n\r\n" + book.replace("\n", "\r\n")
+        "*** START OF THE PROJECT GUTENBERG EBOOK X ***\r\n\r\n"
+        + book.replace("\n", "\r\n")
         + "\r\n*** END OF THE PROJECT GUTENBERG EBOOK X ***\r\nSection 1. General Terms of Use {~}\r\n"
     )
     (tmp_path / "pg.txt").write_text(raw, encoding="utf-8", newline="")
@@ -355,90 +365,6 @@ def test_sonnets_sft_prepare_with_a_shakespeare_char_tokenizer(char_dir, sonnets
     assert any("3 characters" in line for line in logs) and any("truncated" in line for line in logs)
     val = open_split(tmp_path / "out", "val")
     assert tok.decode(val.tokens[val.offsets[0] : val.offsets[1]]).startswith("PROMPT:\nX\nFor shame! deny that thou bear'st love to any,\nRESPONSE:\n")
-
-
-# ----------------------------------------------------------------------------- batches
-
-
-@pytest.fixture(scope="module")
-def train_split(char_dir):
-    return open_split(char_dir, "train")
-
-
-def take(loader: BatchLoader, n: int) -> list[torch.Tensor]:
-    return [loader.next_batch()[0] for _ in range(n)]
-
-
-@pytest.mark.parametrize("mode", ["random", "sequential"])
-def test_loader_shapes_and_shift(train_split, mode):
-    loader = BatchLoader(train_split, block_size=32, batch_size=8, seed=1, mode=mode)
-    x, y = loader.next_batch()
-    assert x.shape == y.shape == (8, 32) and x.dtype == y.dtype == torch.int64
-    assert torch.equal(x[:, 1:], y[:, :-1])
-    haystack = np.asarray(train_split.tokens).tobytes()
-    for row_x, row_y in zip(x, y, strict=True):  # x and y's last token: block_size + 1 consecutive tokens of the split
-        assert haystack.find(torch.cat([row_x, row_y[-1:]]).numpy().astype(np.uint16).tobytes()) >= 0
-    if mode == "sequential":
-        tokens = torch.from_numpy(np.asarray(train_split.tokens[:80]).astype(np.int64))
-        assert torch.equal(x[0], tokens[:32]) and torch.equal(x[1], tokens[32:64]) and torch.equal(y[0], tokens[1:33])
-
-
-def test_loader_is_reproducible_and_ranks_differ(train_split):
-    a = take(BatchLoader(train_split, 32, 8, seed=7), 3)
-    b = take(BatchLoader(train_split, 32, 8, seed=7), 3)
-    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
-    other_seed = take(BatchLoader(train_split, 32, 8, seed=8), 1)[0]
-    rank1 = take(BatchLoader(train_split, 32, 8, seed=7, rank=1, world_size=2), 1)[0]
-    rank0 = take(BatchLoader(train_split, 32, 8, seed=7, rank=0, world_size=2), 1)[0]
-    assert not torch.equal(a[0], other_seed) and not torch.equal(rank0, rank1)
-
-
-@pytest.mark.parametrize("mode", ["random", "sequential"])
-def test_one_global_stream_8_eq_4_plus_4_eq_2x4(train_split, mode):
-    one = take(BatchLoader(train_split, 16, 8, seed=3, mode=mode), 1)[0]
-    halves = torch.cat(take(BatchLoader(train_split, 16, 4, seed=3, mode=mode), 2))
-    ranks = torch.cat([take(BatchLoader(train_split, 16, 4, seed=3, rank=r, world_size=2, mode=mode), 1)[0] for r in range(2)])
-    assert torch.equal(one, halves) and torch.equal(one, ranks)
-
-
-def test_state_dict_resumes_exactly_with_any_world_size(train_split):
-    loader = BatchLoader(train_split, 16, 4, seed=5)
-    take(loader, 1500)  # past a few generator blocks
-    state = json.loads(json.dumps(loader.state_dict()))
-    expected = take(loader, 3)
-    resumed = BatchLoader(train_split, 16, 4, seed=5)
-    resumed.load_state_dict(state)
-    assert all(torch.equal(p, q) for p, q in zip(take(resumed, 3), expected, strict=True))
-    # the same stream continued by two processes with half the batch each
-    two = [BatchLoader(train_split, 16, 2, seed=5, rank=r, world_size=2) for r in range(2)]
-    for loader in two:
-        loader.load_state_dict(state)
-    assert torch.equal(torch.cat([loader.next_batch()[0] for loader in two]), expected[0])
-    with pytest.raises(UserError, match="seed"):
-        BatchLoader(train_split, 16, 4, seed=6).load_state_dict(state)
-
-
-def test_sequential_walks_each_window_once_per_epoch(tmp_path):
-    (tmp_path / "c.txt").write_text("".join(chr(ord("a") + i % 26) for i in range(641)), encoding="utf-8")
-    build(tmp_path / "c.txt", tmp_path / "out", val_fraction=0.5)
-    split = open_split(tmp_path / "out", "train")  # 320 tokens: 19 windows of 16 (and the last one's target)
-    ranks = [BatchLoader(split, 16, 2, seed=0, rank=r, world_size=2, mode="sequential") for r in range(2)]
-    seen = []
-    for _ in range(5):  # 5 steps x 2 ranks x 2 samples: the 19 windows once each, then the first again
-        for loader in ranks:
-            seen += [row.tolist() for row in loader.next_batch()[0]]
-    windows = [split.tokens[16 * w : 16 * w + 16].tolist() for w in range(19)]
-    assert seen == windows + windows[:1]
-
-
-def test_eval_batches_are_fixed_and_independent_of_world_size(train_split):
-    one = list(eval_batches(train_split, 16, 4, n_batches=5, seed=1))
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(one, eval_batches(train_split, 16, 4, 5, seed=1), strict=True))
-    by_rank = {r: list(eval_batches(train_split, 16, 4, 5, seed=1, rank=r, world_size=2)) for r in range(2)}
-    assert len(by_rank[0]) == 3 and len(by_rank[1]) == 2
-    for b, (x, _) in enumerate(one):
-        assert torch.equal(by_rank[b % 2][b // 2][0], x)
-    assert not torch.equal(one[0][0], BatchLoader(train_split, 16, 4, seed=1).next_batch()[0])  # not the training stream
 
 
 # ----------------------------------------------------------------------------- bad input, as a user meets it
