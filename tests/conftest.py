@@ -1,4 +1,4 @@
-"""Test environment: never touch the network, never prompt, one thread per process."""
+"""Test environment: never touch the network, never prompt, one thread per process, no GPU (also on a GPU host)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ for key, value in {
     "PYTHONUNBUFFERED": "1",
 }.items():
     os.environ.setdefault(key, value)
+# The suite checks the CPU path: exact CPU numerics, thread counts, gloo groups, the FSDP fallback, the CPU default
+# config. On a GPU host, hide the GPUs from every test and every process a test starts (they inherit os.environ);
+# bench/gpu.sh checks the GPU path. Set before torch initialises CUDA.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import torch  # noqa: E402
 
