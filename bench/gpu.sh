@@ -2,7 +2,7 @@
 # The GPU verification (issue #13): dist_gpt's GPU path proved in two commands of about 6 minutes each on one GPU.
 #
 #   bench/gpu.sh prepare     here, where `datasets` is installed: Tiny Shakespeare and a GPT-2-vocabulary random-token
-#                            corpus tokenized into bench/out/gpu/ (git-ignored, about 20 MB): carry it to the GPU machine
+#                            corpus tokenized into bench/out/gpu/ (git-ignored, about 15 MB): carry it to the GPU machine
 #   bench/gpu.sh part1       on the GPU: environment + torch.compile smoke test; the lecture model (5000 steps, bf16 +
 #                            compile); its strict load, sample.py (KV cache on/off) and evaluate.py; kill + resume with compile
 #   bench/gpu.sh part2       on the GPU: environment + smoke test; GPT-2 124M compile on/off (tokens/s, MFU); FSDP2
@@ -11,7 +11,7 @@
 #   bench/gpu.sh --dry-run   prepare + both parts at tiny sizes on the CPU (bench/out/gpu_dry/), as the test suite does
 #
 # Results: $OUT/gpu_results.md and $OUT/gpu_results.json, one row per check (PASS / FAIL / TIMEOUT / SKIP, its numbers),
-# written when each check starts and ends; logs in $OUT/logs/, each run's metrics in $OUT/runs/. OUT defaults to
+# written when each check starts and ends; logs in $OUT/logs/PART/, each run's metrics in $OUT/runs/. OUT defaults to
 # DATA/results. Run directories go to $GPU_WORK (default /tmp/dist_gpt_gpu; DATA/work in a dry run); GPU_DATA moves
 # DATA; GPU_BUDGET caps a part's seconds (default 350; checks that would start later read SKIP); GPU_ONLY=check,...
 # reruns only those checks of a part, keeping the other rows in $OUT. The run stages need torch, accelerate,

@@ -26,7 +26,10 @@ import torch
 
 def probe_env() -> dict[str, Any]:
     """What the results table's environment line says."""
-    from dist_gpt.trainer import PEAK_BF16_FLOPS
+    try:
+        from dist_gpt.trainer import PEAK_BF16_FLOPS  # the peaks the trainer's `mfu` is quoted against
+    except ImportError:
+        PEAK_BF16_FLOPS = {}
 
     def version(package: str) -> str | None:
         try:

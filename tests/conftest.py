@@ -54,7 +54,9 @@ def sonnets() -> Path:
     return SONNETS
 
 
-def run_script(script: str, *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600, launcher: list[str] | None = None
+) -> subprocess.CompletedProcess:
     """Run `launch/<script>` as a user would (python, or a launcher such as accelerate); capture its output."""
     cmd = [*(launcher or [sys.executable]), str(REPO / "launch" / script), *args]
     full_env = {**os.environ, **(env or {})}
