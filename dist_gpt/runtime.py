@@ -109,11 +109,12 @@ def make_accelerator(cfg: Config) -> Accelerator:
 
 
 def fsdp_mixed_precision(precision: str) -> Any:
-    """FSDP2's policy: compute in `precision`, but reduce gradients and return outputs (the loss) in fp32."""
+    """FSDP2's policy: compute in `precision`, reduce gradients in fp32, and leave outputs alone (Accelerate's own policy
+    casts every module's output to the compute dtype, which rounds the loss to bf16; the model computes it in fp32)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32, output_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32, output_dtype=None)
 
 
 def fsdp_plugin(precision: str) -> Any:
