@@ -68,14 +68,12 @@ def summary(run_dir: Path) -> dict:
 
 def scratch(parent_dir: Path, data_dir: Path, out: Path, finetune_config: Path, budget: float) -> None:
     """The baseline: the parent's shape with fresh weights, trained on the finetune's prepared arrays (see the docstring)."""
-    import torch
     import yaml
 
-    from dist_gpt.checkpoint import load_run
     from dist_gpt.config import load_config
-    from dist_gpt.model import GPT
+    from dist_gpt.rundir import load_run
+    from dist_gpt.stages import pretrain_job, train
     from dist_gpt.tracking import log
-    from dist_gpt.trainer import Job, Trainer, make_accelerator, open_run
 
     ft = yaml.safe_load(finetune_config.read_text())
     parent = load_run(parent_dir)
@@ -89,14 +87,8 @@ def scratch(parent_dir: Path, data_dir: Path, out: Path, finetune_config: Path, 
     cfg.model = parent.config.model
     cfg.model.dropout = ft["model"]["dropout"]
     cfg.data.vocab_size = parent.tokenizer.vocab_size
-    accelerator = make_accelerator(cfg)
-    run_ = open_run(cfg, accelerator)
-    try:
-        torch.manual_seed(cfg.run.seed)
-        log(f"from scratch: {cfg.model.n_layer} x {cfg.model.n_embd}, lr {cfg.train.lr}, {budget} s on {data_dir}")
-        Trainer(Job(cfg=cfg, model=GPT(cfg.model), tokenizer=parent.tokenizer, data_dir=data_dir), accelerator, run_).fit()
-    finally:
-        run_.release()
+    log(f"from scratch: {cfg.model.n_layer} x {cfg.model.n_embd}, lr {cfg.train.lr}, {budget} s on {data_dir}")
+    train(cfg, "pretrain", pretrain_job, tokenizer=parent.tokenizer)
 
 
 def main() -> None:

@@ -28,10 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dist_gpt.config import load_config  # noqa: E402
+from dist_gpt.hardware import decide  # noqa: E402
 from dist_gpt.model import GPT  # noqa: E402
+from dist_gpt.optim import make_optimizer  # noqa: E402
 from dist_gpt.prepare import prepare  # noqa: E402
 from dist_gpt.tokenizers import load_tokenizer  # noqa: E402
-from dist_gpt.trainer import make_optimizer, resolve_precision  # noqa: E402
 
 
 def pretrain_tokens_per_s(args: argparse.Namespace, overrides: list[str], out: Path) -> float:
@@ -50,8 +51,8 @@ def plain_tokens_per_s(args: argparse.Namespace, cfg, data: np.ndarray) -> float
     torch.manual_seed(0)
     model = GPT(cfg.model)
     t = cfg.train
-    opt = make_optimizer(model, t, fused=False)
-    precision = resolve_precision(t.mixed_precision, cfg.model.n_embd, cuda=False, attn_impl=cfg.model.attn_impl)
+    opt = make_optimizer(model, t)
+    precision = decide(cfg.model, t, torch.device("cpu")).precision
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     B, T = t.batch_size, cfg.model.block_size
     gen = torch.Generator().manual_seed(0)
@@ -93,7 +94,7 @@ def main() -> None:
             print(f"repeat {i}: pretrain {ours[-1]:,.0f} tok/s, plain {plain[-1]:,.0f} tok/s", file=sys.stderr)
     m = cfg.model
     print(f"\n{args.config}: {m.n_layer}x{m.n_head}x{m.n_embd}, block {m.block_size}, micro-batch {cfg.train.batch_size} x {cfg.train.grad_accum}, "
-          f"precision {resolve_precision(cfg.train.mixed_precision, m.n_embd, cuda=False, attn_impl=m.attn_impl)}, {torch.get_num_threads()} threads, {args.steps} steps ({args.warmup} warm-up), {args.repeats} repeats\n")
+          f"precision {decide(m, cfg.train, torch.device('cpu')).precision}, {torch.get_num_threads()} threads, {args.steps} steps ({args.warmup} warm-up), {args.repeats} repeats\n")
     print("| loop | tokens/s min | tokens/s median |\n|---|---|---|")
     print(f"| launch/pretrain.py (Accelerate) | {min(ours):,.0f} | {statistics.median(ours):,.0f} |")
     print(f"| plain PyTorch | {min(plain):,.0f} | {statistics.median(plain):,.0f} |")

@@ -23,10 +23,10 @@ _EXPORTS = {
 __all__ = ["GPT", "GPTConfig", "UserError", "load_run", "load_tokenizer", "__version__"]
 
 if TYPE_CHECKING:
-    from dist_gpt.checkpoint import load_run
     from dist_gpt.config import GPTConfig
     from dist_gpt.errors import UserError
     from dist_gpt.model import GPT
+    from dist_gpt.rundir import load_run
     from dist_gpt.tokenizers import load_tokenizer
 
 

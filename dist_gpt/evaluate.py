@@ -214,7 +214,7 @@ def format_table(r: Result) -> str:
 
 def main(args: list[str]) -> Result:
     """The `launch/evaluate.py` command."""
-    from dist_gpt.checkpoint import load_run
+    from dist_gpt.rundir import load_run
     from dist_gpt.sample import resolve_device
 
     opts = build_parser().parse_args(args)

@@ -27,10 +27,11 @@ from typing import Any
 
 import torch
 
-from dist_gpt.checkpoint import load_run, save_weights
+from dist_gpt.checkpoint import save_weights
 from dist_gpt.config import GPTConfig
 from dist_gpt.errors import UserError
 from dist_gpt.io import atomic_write_json, atomic_write_text, read_json
+from dist_gpt.rundir import load_run
 from dist_gpt.tokenizers import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # stored [in, out] by transformers

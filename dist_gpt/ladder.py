@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from dist_gpt.cli import config_path
 from dist_gpt.config import Config, GPTConfig, from_dict, load_config, parse_overrides
 from dist_gpt.errors import UserError
 from dist_gpt.io import atomic_write, atomic_write_text, read_json
 from dist_gpt.model import GPT
-from dist_gpt.stages import config_path
 from dist_gpt.tracking import log
 
 PRETRAIN = Path(__file__).resolve().parents[1] / "launch" / "pretrain.py"

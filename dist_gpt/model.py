@@ -227,20 +227,20 @@ class GPT(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------------
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, V) for token ids idx (B, T), and the mean cross-entropy against targets (B, T).
 
-        Targets equal to IGNORE_INDEX (-100), or where `loss_mask` (B, T) is 0, do not count: SFT trains on
-        the response tokens only. A batch with no counted target gives a loss of 0 rather than NaN.
+        Targets equal to IGNORE_INDEX (-100) do not count: SFT trains on the response tokens only. A batch with no
+        counted target gives a loss of 0 rather than NaN. The loss is computed in fp32 whatever the compute precision.
+        return_logits=False (training) returns (None, loss), so no (B, T, V) tensor outlives the loss.
         """
         logits = self.bigram_table(idx) if self.is_bigram else self._head(self._body(idx))  # (B, T, V)
         if targets is None:
             return logits, None
-        if loss_mask is not None:
-            targets = targets.masked_fill(loss_mask == 0, IGNORE_INDEX)
         targets = targets.reshape(-1)
-        loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-        return logits, loss_sum / (targets != IGNORE_INDEX).sum().clamp(min=1)
+        loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = loss_sum / (targets != IGNORE_INDEX).sum().clamp(min=1)
+        return (logits if return_logits else None), loss
 
     def _body(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
         """Final hidden states (B, T, C). With caches, idx holds the tokens after the cached ones."""
@@ -285,8 +285,8 @@ class GPT(nn.Module):
     def estimate_flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs (forward + backward) per token: 6 * N + 12 * n_layer * n_head * head_dim * T.
 
-        N = num_params(non_embedding=True); each weight does one multiply-add (2 FLOPs) forward and two
-        backward. The second term is attention's scores and weighted sum at context T (default
+        N = the weights that take part in matmuls: num_params(non_embedding=True), less an untied token embedding
+        (a lookup); each does one multiply-add (2 FLOPs) forward and two backward. The second term is attention's scores and weighted sum at context T (default
         block_size), counted over the full square as PaLM's appendix does. MFU = this * tokens/s / peak FLOP/s.
         The bigram table does lookups, not matmuls: 0.
         """
@@ -294,7 +294,10 @@ class GPT(nn.Module):
             return 0
         c = self.config
         T = seq_len or c.block_size
-        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * T
+        matmul_params = self.num_params(non_embedding=True)
+        if not c.tie_weights:  # the token embedding is a lookup; only a tied one is also the LM head's matmul
+            matmul_params -= self.transformer.wte.weight.numel()
+        return 6 * matmul_params + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * T
 
     # --- sampling --------------------------------------------------------------------------------
 

@@ -1,4 +1,7 @@
-"""Muon for the hidden weight matrices and AdamW for everything else, in one optimizer object.
+"""The optimizer and the learning-rate schedule: AdamW, or Muon for the hidden matrices with AdamW for the rest.
+
+    optimizer = make_optimizer(model, cfg.train)               # AdamW (fused on CUDA) or MuonAdamW
+    for g, base in zip(optimizer.param_groups, base_lrs): g["lr"] = base * lr_factor(step, elapsed_s, cfg.train)
 
 Muon (Keller Jordan, 2024: "Muon: An optimizer for hidden layers in neural networks") keeps SGD's
 Nesterov momentum but replaces each matrix's update by the nearest semi-orthogonal matrix (all
@@ -16,10 +19,14 @@ beside it, which the trainer's checkpointing and LR schedule would have to handl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+
+from dist_gpt.config import TrainConfig
+from dist_gpt.errors import UserError
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 """Quintic Newton-Schulz coefficients (a, b, c) tuned for speed of convergence rather than exactness:
@@ -111,3 +118,51 @@ class MuonAdamW(torch.optim.Optimizer):
         state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
         denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(group["eps"])
         p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
+
+
+# ----------------------------------------------------------------------------- the optimizer a run uses
+
+
+def make_optimizer(model: torch.nn.Module, t: TrainConfig, sharded: bool = False, ns_dtype: torch.dtype = torch.bfloat16) -> torch.optim.Optimizer:
+    """AdamW (torch's fused kernel, on CPU and GPU) with weight decay on 2-D weights (matmuls, embeddings) only;
+    frozen parameters are left out.
+
+    train.optimizer=muon: Muon for the weights of the Linear layers except the LM head, AdamW for the rest, in one
+    optimizer; the first param group stays AdamW's, whose lr the trainer logs. Muon needs whole matrices: not `sharded`.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("no trainable parameters (everything is frozen); lower finetune.freeze")
+    matrices: set[int] = set()
+    if t.optimizer == "muon":
+        if sharded:
+            raise UserError("train.optimizer=muon needs whole weight matrices on every rank; FSDP shards them: use DDP or train.optimizer=adamw")
+        matrices = {id(m.weight) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")}
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2 and id(p) not in matrices], "weight_decay": t.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
+    groups.append({"params": [p for p in params if id(p) in matrices], "muon": True, "lr": t.muon_lr, "weight_decay": 0.0})
+    return MuonAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), momentum=t.muon_momentum)
+
+
+def lr_at(step: int, elapsed: float, t: TrainConfig) -> float:
+    """Linear warmup, then decay to min_lr; progress is the larger of steps and elapsed time (with a time budget)."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / (t.warmup_steps + 1)
+    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+    if t.time_budget_s > 0:
+        progress = max(progress, elapsed / t.time_budget_s)
+    progress = min(progress, 1.0)
+    if t.lr_decay == "constant":
+        return t.lr
+    if t.lr_decay == "linear":
+        return t.lr - progress * (t.lr - t.min_lr)
+    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
+
+
+def lr_factor(step: int, elapsed: float, t: TrainConfig) -> float:
+    """The schedule as a multiple of the peak: each param group runs at its own peak lr (train.lr, train.muon_lr) times this."""
+    return lr_at(step, elapsed, t) / t.lr

@@ -67,10 +67,10 @@ import numpy as np
 from dist_gpt.batches import SPLITS, check_split_size, split_files
 from dist_gpt.errors import UserError
 from dist_gpt.io import FileLock, StagedFiles, atomic_write, atomic_write_json, disk_error, read_error, read_json, sha256_file
-from dist_gpt.tokenizers import CharTokenizer, Tokenizer, load_tokenizer, render_prompt, render_response, train_tokenizer
+from dist_gpt.tokenizers import CharTokenizer, Tokenizer, render_prompt, render_response, train_tokenizer
 
 if TYPE_CHECKING:
-    from dist_gpt.config import Config, DataConfig
+    from dist_gpt.config import DataConfig
 
 FORMAT = 2  # bump when the prepared files change: everything rebuilds (2: a leading UTF-8 BOM dropped, empty documents never chosen for val)
 SPLIT_SEED = 1337  # which documents go to val
@@ -971,18 +971,3 @@ def _meta(
         "tokenizer_fingerprint": tokenizer.fingerprint(),
         "versions": _versions(),
     }
-
-
-def prepare_from_config(cfg: Config, log: Callable[[str], None] = print) -> dict:
-    """`prepare` for a run's config: a finetune encodes with its parent's tokenizer; SFT when finetune.kind is sft."""
-    tokenizer = None
-    parent = cfg.finetune.init_from
-    if parent.startswith("hf:"):
-        from dist_gpt.hf import load_hf_tokenizer
-
-        tokenizer = load_hf_tokenizer(parent)
-    elif parent:
-        if not Path(parent).is_dir():
-            raise UserError(f"finetune.init_from: run directory not found: {parent}")
-        tokenizer = load_tokenizer(Path(parent) / "tokenizer.json")
-    return prepare(cfg.data, data_dir=cfg.data_dir, tokenizer=tokenizer, sft=cfg.finetune.kind == "sft", log=log, block_size=cfg.model.block_size)

@@ -176,7 +176,7 @@ def generate_samples(model: Any, tokenizer: Any, prompt_text: str, ids: list[int
 
 def sample(args: list[str]) -> None:
     """The `launch/sample.py` command: parse args, load the run, print the samples."""
-    from dist_gpt.checkpoint import load_run
+    from dist_gpt.rundir import load_run
 
     opts = parse_args(args)
     device = resolve_device(opts.device)

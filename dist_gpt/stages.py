@@ -1,14 +1,17 @@
-"""What differs between the stages: where the model and the tokenizer come from. The loop is trainer.py's.
+"""The stages: what differs between pretraining and finetuning is where the model and the tokenizer come from.
 
     pretrain: a fresh GPT, a tokenizer trained on the corpus (or loaded from the prepared data).
     finetune: the parent's GPT and tokenizer (a run directory, or hf:PATH), the data encoded with that
               tokenizer; `text` (continued training, optionally freezing the bottom), `sft` (loss on the
               responses only), either of them with LoRA adapters instead of full weights.
+
+Both go through `train`: accelerator -> run directory -> data -> checks -> model -> Trainer -> release.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -16,20 +19,108 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from dist_gpt import lora
 from dist_gpt.batches import load_meta, open_split
-from dist_gpt.checkpoint import load_run
+from dist_gpt.checkpoint import TrainState, read_train_state
 from dist_gpt.cli import config_path, parse_stage_args
-from dist_gpt.config import Config, GPTConfig, from_dict
+from dist_gpt.config import Config, GPTConfig
 from dist_gpt.errors import UserError
-from dist_gpt.io import read_json
 from dist_gpt.model import GPT
 from dist_gpt.prepare import prepare
+from dist_gpt.rundir import RunDir, is_locked, load_run, read_config, read_summary
+from dist_gpt.runtime import check_memory, make_accelerator, on_main, resolve_batching, teardown
 from dist_gpt.tokenizers import Tokenizer, load_tokenizer
 from dist_gpt.tracking import log
-from dist_gpt.trainer import Job, Trainer, make_accelerator, on_main, open_run
+from dist_gpt.trainer import Job, Trainer
+
+# ----------------------------------------------------------------------------- the skeleton both stages share
+
+
+def open_run(cfg: Config, stage: str, accelerator: Any) -> RunDir:
+    """RunDir.open on the main process (which holds the lock); the other ranks learn where and what to resume."""
+    holder: list[RunDir] = []
+
+    def _open() -> tuple[str, str | None]:
+        holder.append(RunDir.open(cfg, stage))
+        return str(holder[0].path), str(holder[0].resume_from) if holder[0].resume_from else None
+
+    path, resume = on_main(accelerator, _open)
+    return holder[0] if holder else RunDir(path=Path(path), stage=stage, resume_from=Path(resume) if resume else None)
+
+
+def train(
+    cfg: Config,
+    stage: str,
+    make_job: Callable[[Config, Tokenizer], Job],
+    tokenizer: Tokenizer | None = None,
+    sft: bool = False,
+    check: Callable[[RunDir], None] | None = None,
+) -> TrainState | None:
+    """Open the run, prepare and check the data, build the job with `make_job(cfg, tokenizer)` and train it.
+
+    `tokenizer` given (finetuning): the data is encoded with it. `check(run)` runs on the main process after the data
+    is prepared and before anything in the run directory is written.
+    """
+    accelerator = make_accelerator(cfg)
+    run = open_run(cfg, stage, accelerator)
+    try:
+        if run.finished(cfg):
+            if accelerator.is_main_process:
+                s = read_train_state(run.resume_from)
+                log(
+                    f"run already complete at step {s.step} (train.max_steps={cfg.train.max_steps}, train.time_budget_s={cfg.train.time_budget_s:g}, "
+                    f"{s.elapsed_s:.0f} s trained); nothing to do. Raise --train.max_steps (or the time budget) to continue it."
+                )
+            teardown(accelerator)
+            return None
+
+        def prepare_and_check() -> str:
+            meta = prepare(cfg.data, data_dir=cfg.data_dir, tokenizer=tokenizer, sft=sft, log=log, block_size=cfg.model.block_size)
+            prepared = load_tokenizer(cfg.data_dir / "tokenizer.json")
+            if tokenizer is not None:
+                check_prepared_tokenizer(cfg.data_dir, tokenizer)
+            if check is not None:
+                check(run)
+            run.check_resume(prepared, meta.get("fingerprint"))
+            return meta.get("fingerprint")
+
+        fingerprint = on_main(accelerator, prepare_and_check)
+        tokenizer = tokenizer or load_tokenizer(cfg.data_dir / "tokenizer.json")
+        resolve_vocab(cfg, tokenizer.vocab_size)
+        resumed = read_train_state(run.resume_from) if run.resume_from else None
+        resolve_batching(cfg, accelerator.num_processes, resumed.tokens_per_step if resumed else None)
+        job = make_job(cfg, tokenizer)
+        job.data_fingerprint = fingerprint
+        check_memory(sum(p.numel() for p in job.model.parameters()), cfg, accelerator.device)
+        return Trainer(job, accelerator, run).fit()
+    finally:
+        run.release()
+
+
+def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> None:
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = tokenizer_vocab
+    elif cfg.model.vocab_size < tokenizer_vocab:
+        raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} tokens; leave it at 0 to take the tokenizer's")
+
+
+def prepare_from_config(cfg: Config, log: Callable[[str], None] = print) -> dict:
+    """`prepare` for a run's config: a finetune encodes with its parent's tokenizer; SFT when finetune.kind is sft."""
+    tokenizer = None
+    parent = cfg.finetune.init_from
+    if parent.startswith("hf:"):
+        from dist_gpt.hf import load_hf_tokenizer
+
+        tokenizer = load_hf_tokenizer(parent)
+    elif parent:
+        if not Path(parent).is_dir():
+            raise UserError(f"finetune.init_from: run directory not found: {parent}")
+        tokenizer = load_tokenizer(Path(parent) / "tokenizer.json")
+    return prepare(cfg.data, data_dir=cfg.data_dir, tokenizer=tokenizer, sft=cfg.finetune.kind == "sft", log=log, block_size=cfg.model.block_size)
+
+
+# ----------------------------------------------------------------------------- pretrain
 
 PRETRAIN_USAGE = """
 usage: accelerate launch launch/pretrain.py [--config FILE] [--section.key=value ...] [--debug]
@@ -55,26 +146,14 @@ def default_pretrain_config(args: list[str]) -> str | None:
     return config_path("shakespeare_char_cpu.yaml")
 
 
-def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> None:
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = tokenizer_vocab
-    elif cfg.model.vocab_size < tokenizer_vocab:
-        raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} tokens; leave it at 0 to take the tokenizer's")
+def pretrain_job(cfg: Config, tokenizer: Tokenizer) -> Job:
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+    return Job(cfg=cfg, model=GPT(cfg.model), tokenizer=tokenizer, data_dir=cfg.data_dir)
 
 
 def pretrain(args: list[str]) -> None:
     cfg = parse_stage_args(args, "pretrain", PRETRAIN_USAGE, default_config=default_pretrain_config(args))
-    accelerator = make_accelerator(cfg)
-    run = open_run(cfg, accelerator)
-    try:
-        on_main(accelerator, lambda: prepare(cfg.data, data_dir=cfg.data_dir, block_size=cfg.model.block_size, log=log))
-        tokenizer = load_tokenizer(cfg.data_dir / "tokenizer.json")
-        resolve_vocab(cfg, tokenizer.vocab_size)
-        torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-        model = GPT(cfg.model)
-        Trainer(Job(cfg=cfg, model=model, tokenizer=tokenizer, data_dir=cfg.data_dir), accelerator, run).fit()
-    finally:
-        run.release()
+    train(cfg, "pretrain", pretrain_job)
 
 
 # ----------------------------------------------------------------------------- finetune
@@ -90,17 +169,19 @@ prompt/response pairs (a .jsonl of {"prompt": ..., "response": ...}, or a data.r
 on the response tokens only. finetune.lora_rank=R trains rank-R LoRA adapters instead of all weights;
 finetune.freeze=N freezes the embeddings and the first N blocks. The run directory gets the merged,
 plain model.safetensors (sample it with launch/sample.py; --chat for sft runs), parent.json (lineage),
-and with LoRA adapter.safetensors + adapter_config.json. Rerunning the same command resumes.
+and with LoRA adapter.safetensors + adapter_config.json. Rerunning the same command resumes. The
+parent's directory is never written to.
 
 examples:
   python launch/finetune.py --config configs/finetune_sonnets.yaml --finetune.init_from=runs/shakespeare_char_cpu
-  python launch/finetune.py --config configs/sft_sonnets.yaml --finetune.init_from=runs/shakespeare_char_cpu \
+  python launch/finetune.py --config configs/sft_sonnets.yaml --finetune.init_from=runs/shakespeare_char_cpu \\
       --finetune.lora_rank=8 --run.out_dir=runs/sonnets_sft_lora
   python launch/finetune.py --config configs/sft_jsonl.yaml --finetune.init_from=RUN_DIR --data.source=pairs.jsonl
 --debug shows the full traceback of an error.
 """
 
 SHAPE_FREE = ("dropout",)  # model keys a finetune may change: they are not part of the weights' shape or function
+RESUME_KEYS = ("kind", "lora_rank", "lora_alpha", "freeze")  # what the checkpoint's model, optimizer and data were built for
 
 
 @dataclass
@@ -129,24 +210,24 @@ def load_parent(init_from: str) -> Parent:
             f"finetune.init_from={init_from}: tokenizer.json has {run.tokenizer.vocab_size} tokens but the model only {run.config.model.vocab_size}; "
             "the run's tokenizer.json was replaced: restore the one it was trained with"
         )
-    summary_path = Path(init_from) / "summary.json"
-    summary = read_json(summary_path, "run summary") if summary_path.is_file() else None
-    return Parent(run.config.model, run.model.state_dict(), run.tokenizer, summary)
+    if is_locked(Path(init_from)):
+        log(f"warning: the parent {init_from} is still training; finetuning from the model it saved last ({(read_summary(Path(init_from)) or {}).get('steps', '?')} steps)")
+    return Parent(run.config.model, run.model.state_dict(), run.tokenizer, read_summary(Path(init_from)))
 
 
 def adopt_parent(cfg: Config, parent: Parent) -> None:
     """Give `cfg` the parent's model and tokenizer; a key the user set that contradicts them is a UserError."""
-    theirs = dataclasses.asdict(parent.config)
-    for key, value in theirs.items():
+    for key, value in dataclasses.asdict(parent.config).items():
         mine = getattr(cfg.model, key)
-        auto = key == "vocab_size" and mine == 0  # 0 means: the tokenizer's
+        auto = (key == "vocab_size" and mine == 0) or (key == "attn_impl")  # 0: the tokenizer's; the kernel is not the model's shape
         if f"model.{key}" in cfg.explicit and key not in SHAPE_FREE and mine != value and not auto:
             raise UserError(
                 f"model.{key}={mine!r} contradicts the parent {cfg.finetune.init_from}, which has model.{key}={value!r}: "
                 f"a finetune keeps the parent's shape; remove model.{key} from the config and the command line (only model.dropout may change)"
             )
     dropout = cfg.model.dropout if "model.dropout" in cfg.explicit else parent.config.dropout
-    cfg.model = dataclasses.replace(parent.config, dropout=dropout)
+    attn_impl = cfg.model.attn_impl if "model.attn_impl" in cfg.explicit else parent.config.attn_impl
+    cfg.model = dataclasses.replace(parent.config, dropout=dropout, attn_impl=attn_impl)
     tok = parent.tokenizer
     if "data.tokenizer" in cfg.explicit and cfg.data.tokenizer != tok.kind:
         raise UserError(f"data.tokenizer={cfg.data.tokenizer} but the parent {cfg.finetune.init_from} uses the {tok.kind} tokenizer: a finetune encodes its data with the parent's tokenizer; remove data.tokenizer")
@@ -185,17 +266,16 @@ def check_sft_pairs(data_dir: Path, block_size: int) -> None:
             log(f"warning: {int((~fits).sum())} of {len(fits)} {name} pairs have a prompt of block_size={block_size} tokens or more and count for nothing")
 
 
-RESUME_KEYS = ("kind", "lora_rank", "lora_alpha", "freeze")  # what the checkpoint's model, optimizer and data were built for
-
-
-def check_resume(cfg: Config, run_dir: Path) -> None:
+def check_finetune_resume(cfg: Config, run: RunDir) -> None:
     """Resuming a finetune needs the settings its checkpoints were written with."""
-    saved = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text())).finetune
+    if run.resume_from is None:
+        return
+    saved = read_config(run.path).finetune
     for key in RESUME_KEYS:
         mine, theirs = getattr(cfg.finetune, key), getattr(saved, key)
         if mine != theirs:
             raise UserError(
-                f"{run_dir} holds a finetune with finetune.{key}={theirs!r} and this command asks for {mine!r}: rerun with finetune.{key}={theirs!r} to resume it, "
+                f"{run.path} holds a finetune with finetune.{key}={theirs!r} and this command asks for {mine!r}: rerun with finetune.{key}={theirs!r} to resume it, "
                 "or start this one in another --run.out_dir (or pass --run.resume=never --run.overwrite=true to replace it)"
             )
 
@@ -214,8 +294,8 @@ def finetune_job(cfg: Config, parent: Parent) -> Job:
     model = GPT(cfg.model)
     model.load_state_dict(parent.state)
     f = cfg.finetune
-    info = {"parent": {"init_from": f.init_from, "path": str(Path(f.init_from).resolve()) if not f.init_from.startswith("hf:") else None, "summary": parent.summary}}
-    job = Job(cfg=cfg, model=model, tokenizer=parent.tokenizer, data_dir=cfg.data_dir, sft=f.kind == "sft", info=info)
+    lineage = {"init_from": f.init_from, "path": str(Path(f.init_from).resolve()) if not f.init_from.startswith("hf:") else None, "summary": parent.summary}
+    job = Job(cfg=cfg, model=model, tokenizer=parent.tokenizer, data_dir=cfg.data_dir, parent=lineage)
     if f.lora_rank:
         job.model = lora.attach(model, f.lora_rank, f.lora_alpha, f.lora_dropout)
         job.export_weights = partial(lora.merged_state_dict, scale=f.lora_alpha / f.lora_rank)
@@ -229,20 +309,11 @@ def finetune(args: list[str]) -> None:
     cfg = parse_stage_args(args, "finetune", FINETUNE_USAGE)
     parent = load_parent(cfg.finetune.init_from)
     adopt_parent(cfg, parent)
-    accelerator = make_accelerator(cfg)
-    run = open_run(cfg, accelerator)
     sft = cfg.finetune.kind == "sft"
 
-    def prepare_and_check() -> None:
-        prepare(cfg.data, data_dir=cfg.data_dir, tokenizer=parent.tokenizer, sft=sft, log=log, block_size=cfg.model.block_size)
-        check_prepared_tokenizer(cfg.data_dir, parent.tokenizer)
+    def check(run: RunDir) -> None:
         if sft:
             check_sft_pairs(cfg.data_dir, cfg.model.block_size)
-        if run.resume_from:
-            check_resume(cfg, run.dir)
+        check_finetune_resume(cfg, run)
 
-    try:
-        on_main(accelerator, prepare_and_check)
-        Trainer(finetune_job(cfg, parent), accelerator, run).fit()
-    finally:
-        run.release()
+    train(cfg, "finetune", lambda cfg, _tok: finetune_job(cfg, parent), tokenizer=parent.tokenizer, sft=sft, check=check)

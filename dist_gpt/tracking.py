@@ -58,12 +58,11 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
 class Tracker:
     """Metrics and samples to JSONL files and W&B, plus the progress bar. A no-op off the main process."""
 
-    def __init__(self, accelerator, run_dir: Path, cfg, start_step: int, elapsed_s: float, wandb_id: str | None):
+    def __init__(self, accelerator, run, cfg, start_step: int, elapsed_s: float, wandb_id: str | None):
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
-        self.run_dir = run_dir
-        self.metrics_path = run_dir / "metrics.jsonl"
-        self.samples_path = run_dir / "samples.jsonl"
+        run_dir = self.run_dir = run.path
+        self.metrics_path, self.samples_path = run.metrics, run.samples
         self.use_wandb = cfg.log.wandb
         self.sample_rows: list[list[Any]] = []
         if self.main:  # a resumed run rewrites what came after its checkpoint; a fresh start keeps nothing

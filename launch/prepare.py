@@ -4,7 +4,7 @@ Pretrain and finetune do this themselves when the arrays are missing or stale; r
 """
 
 from dist_gpt.cli import config_path, main, parse_stage_args
-from dist_gpt.prepare import prepare_from_config
+from dist_gpt.stages import prepare_from_config
 
 USAGE = """
 usage: python launch/prepare.py [--config FILE] [--section.key=value ...]

@@ -4,6 +4,7 @@ one line `error: ...` that names the problem (and the fix), no traceback, and no
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -76,14 +77,17 @@ def bigger_tokenizer(p: dict) -> None:
 
 
 def live_lock(p: dict) -> None:
-    """Another live run holds the directory: its lock names a running process (this test's own)."""
+    """Another live run holds the directory: this test process holds the flock of its .lock, which names it."""
     p["out"].mkdir()
     (p["out"] / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    p["lock_fd"] = os.open(p["out"] / ".lock", os.O_RDWR)
+    fcntl.flock(p["lock_fd"], fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def lock_untouched(p: dict) -> None:
     assert json.loads((p["out"] / ".lock").read_text()) == {"host": socket.gethostname(), "pid": os.getpid()}
     assert sorted(x.name for x in p["out"].iterdir()) == [".lock"]
+    os.close(p["lock_fd"])
 
 
 def unwritable_out_dir(p: dict) -> None:
@@ -103,7 +107,7 @@ def no_arrays(p: dict) -> None:
 
 
 def nothing_saved(p: dict) -> None:
-    assert list_checkpoints(p["out"]) == [] and not list((p["out"] / "checkpoints").glob("*"))
+    assert list_checkpoints(p["out"] / "checkpoints") == [] and not list((p["out"] / "checkpoints").glob("*"))
     assert not (p["out"] / "model.safetensors").exists() and not (p["out"] / "summary.json").exists()
 
 

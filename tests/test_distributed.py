@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from conftest import REPO, run_script
 
-from dist_gpt.checkpoint import load_run, load_weights, save_weights
+from dist_gpt.checkpoint import load_weights, save_weights
 from dist_gpt.config import GPTConfig
 from dist_gpt.io import atomic_write_json
 from dist_gpt.model import GPT
+from dist_gpt.rundir import load_run
 
 CFG = GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
 STEPS, MICRO = 3, 4  # optimizer steps; sequences per rank per step

@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from conftest import run_script
 
 from dist_gpt.batches import open_split
-from dist_gpt.checkpoint import load_run, save_weights
+from dist_gpt.checkpoint import save_weights
 from dist_gpt.config import Config, GPTConfig, save_config
 from dist_gpt.errors import UserError
 from dist_gpt.evaluate import Tokens, batches, evaluate, file_tokens, main, scored_text_size, split_tokens, windows
 from dist_gpt.model import GPT, IGNORE_INDEX
 from dist_gpt.prepare import prepare
+from dist_gpt.rundir import load_run
 from dist_gpt.tokenizers import train_tokenizer
 
 

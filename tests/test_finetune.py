@@ -14,11 +14,11 @@ from conftest import run_script
 from safetensors.torch import load_file
 
 from dist_gpt.batches import BatchLoader, eval_batches, open_split
-from dist_gpt.checkpoint import load_run
 from dist_gpt.config import GPTConfig, load_config
 from dist_gpt.errors import UserError
 from dist_gpt.model import GPT, IGNORE_INDEX
 from dist_gpt.prepare import prepare
+from dist_gpt.rundir import load_run
 from dist_gpt.stages import adopt_parent, check_prepared_tokenizer, finetune, finetune_job, freeze_bottom, load_parent
 from dist_gpt.tokenizers import RESPONSE_END, CharTokenizer, render_prompt, render_response
 

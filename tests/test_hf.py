@@ -10,11 +10,12 @@ import torch
 from conftest import run_script, toy_gpt2_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from dist_gpt.checkpoint import load_run, save_weights
+from dist_gpt.checkpoint import save_weights
 from dist_gpt.config import Config, GPTConfig, save_config
 from dist_gpt.errors import UserError
 from dist_gpt.hf import export_hf, load_hf_gpt2, load_hf_tokenizer, main, to_hf_config
 from dist_gpt.model import GPT
+from dist_gpt.rundir import load_run
 from dist_gpt.tokenizers import GPT2_FILE_ENV, BPETokenizer, CharTokenizer, Tokenizer, train_tokenizer
 
 ODD = "Héllo, wörld!\n\n  tabs\tand ÿ 漢字 😀 the end"

@@ -14,11 +14,12 @@ from conftest import REPO, run_script
 from safetensors.torch import load_file
 
 from dist_gpt import lora
-from dist_gpt.checkpoint import list_checkpoints, load_run, save_weights
+from dist_gpt.checkpoint import list_checkpoints, save_weights
 from dist_gpt.config import Config, GPTConfig, load_config, save_config
 from dist_gpt.errors import UserError
 from dist_gpt.model import GPT
-from dist_gpt.stages import check_resume
+from dist_gpt.rundir import RunDir, load_run
+from dist_gpt.stages import check_finetune_resume
 from dist_gpt.tokenizers import train_tokenizer
 
 SHAPE = GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
@@ -78,7 +79,7 @@ def lora_args(parent: Path, tmp_path: Path, sonnets: Path, name: str, *extra: st
 def check_lora_run(parent: Path, run_dir: Path) -> None:
     """Only adapters moved; model.safetensors is their merge; adapter.safetensors holds them alone."""
     base = load_file(parent / "model.safetensors")
-    trained = load_file(list_checkpoints(run_dir)[0] / "model.safetensors")  # the training module: base layers + adapters
+    trained = load_file(list_checkpoints(run_dir / "checkpoints")[0] / "model.safetensors")  # the training module: base layers + adapters
     adapters = {k for k in trained if ".lora_" in k}
     assert len(adapters) == 2 * 4 * SHAPE.n_layer  # A and B for c_attn, attn.c_proj, c_fc, mlp.c_proj
     for key, w in trained.items():
@@ -111,7 +112,7 @@ def test_lora_run_trains_adapters_exports_merged_and_resumes_exactly(parent, tmp
 
     # drop the last checkpoint and rerun the same command: it resumes at step 3 and ends with the same bytes
     first = {name: (run_dir / name).read_bytes() for name in ("model.safetensors", "adapter.safetensors")}
-    shutil.rmtree(list_checkpoints(run_dir)[0])
+    shutil.rmtree(list_checkpoints(run_dir / "checkpoints")[0])
     again = run_script("finetune.py", *lora_args(parent, tmp_path, sonnets, "run"))
     assert again.returncode == 0, again.stderr
     assert "resuming from" in again.stderr and "step_000003" in again.stderr
@@ -121,10 +122,10 @@ def test_lora_run_trains_adapters_exports_merged_and_resumes_exactly(parent, tmp
     for extra, ok in ((["--finetune.lora_rank=4"], True), (["--finetune.lora_rank=8"], False), (["--finetune.lora_rank=0"], False)):
         cfg = load_config("configs/finetune_sonnets.yaml", [f"--finetune.init_from={parent}", "--finetune.lora_dropout=0.1", *extra], "finetune")
         if ok:
-            check_resume(cfg, run_dir)
+            check_finetune_resume(cfg, RunDir(path=run_dir, stage="finetune", resume_from=run_dir))
         else:
             with pytest.raises(UserError, match=f"holds a finetune with finetune.lora_rank=4 and this command asks for {extra[0][-1]}"):
-                check_resume(cfg, run_dir)
+                check_finetune_resume(cfg, RunDir(path=run_dir, stage="finetune", resume_from=run_dir))
 
 
 @pytest.mark.slow

@@ -130,17 +130,23 @@ def test_causality():
         assert not torch.allclose(logits[:, t], base[:, t])
 
 
-def test_loss_mask_equals_ignore_index():
+def test_ignored_targets_do_not_count_and_the_loss_is_fp32():
     model = build()
     idx, targets = torch.randint(0, V, (4, 8)), torch.randint(0, V, (4, 8))
-    mask = (torch.rand(4, 8) > 0.5).long()
-    mask[0, 0] = 1
-    logits, masked = model(idx, targets, loss_mask=mask)
-    _, ignored = model(idx, targets.masked_fill(mask == 0, -100))
-    by_hand = torch.nn.functional.cross_entropy(logits[mask.bool()], targets[mask.bool()])
-    assert torch.allclose(masked, ignored) and torch.allclose(masked, by_hand)
-    _, none = model(idx, targets, loss_mask=torch.zeros_like(mask))
+    keep = torch.rand(4, 8) > 0.5
+    keep[0, 0] = True
+    logits, ignored = model(idx, targets.masked_fill(~keep, -100))
+    by_hand = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    assert torch.allclose(ignored, by_hand)
+    _, none = model(idx, torch.full_like(targets, -100))
     assert none.item() == 0.0  # nothing to learn from, and not NaN
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low_logits, low_loss = model(idx, targets)
+        no_logits, same_loss = model(idx, targets, return_logits=False)
+    assert low_logits.dtype == torch.bfloat16 and low_loss.dtype == torch.float32  # the loss of bf16 logits, computed in fp32
+    assert no_logits is None and torch.equal(low_loss, same_loss)
+    by_hand = torch.nn.functional.cross_entropy(low_logits.float().flatten(0, 1), targets.flatten())
+    assert torch.equal(low_loss, by_hand)
 
 
 # ----------------------------------------------------------------------------- the lecture's switches
@@ -418,16 +424,3 @@ def test_options_are_validated_by_the_config():
             load_config(None, [bad], "pretrain")
     with pytest.raises(UserError, match="even head size"):
         load_config(None, ["--model.pos_emb=rope", "--model.n_embd=30", "--model.n_head=2"], "pretrain")
-
-
-def test_auto_precision_on_cpu_follows_the_attention_kernel(monkeypatch):
-    """bf16 autocast wins on a bf16-capable CPU for wide models, or at any width with plain-matmul attention (BENCHMARKS.md)."""
-    from dist_gpt import trainer
-
-    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: True)
-    assert trainer.resolve_precision("auto", 128, cuda=False) == "no"
-    assert trainer.resolve_precision("auto", 128, cuda=False, attn_impl="matmul") == "bf16"
-    assert trainer.resolve_precision("auto", 384, cuda=False) == "bf16"
-    assert trainer.resolve_precision("no", 128, cuda=False, attn_impl="matmul") == "no"  # an explicit choice stands
-    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: False)
-    assert trainer.resolve_precision("auto", 384, cuda=False, attn_impl="matmul") == "no"

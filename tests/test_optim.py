@@ -14,8 +14,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 
 from dist_gpt.config import TrainConfig
 from dist_gpt.model import GPT, GPTConfig
-from dist_gpt.optim import MuonAdamW, orthogonalize
-from dist_gpt.trainer import make_optimizer
+from dist_gpt.optim import MuonAdamW, make_optimizer, orthogonalize
 
 
 def tiny_gpt(seed: int = 0, **overrides) -> GPT:
@@ -105,7 +104,7 @@ def test_muon_step_is_nesterov_momentum_then_orthogonalised():
 @pytest.mark.parametrize("tie", [True, False])
 def test_make_optimizer_gives_muon_the_block_matrices_only(tie):
     model = tiny_gpt(tie_weights=tie)
-    opt = make_optimizer(model, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.05), fused=False)
+    opt = make_optimizer(model, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.05))
     assert isinstance(opt, MuonAdamW)
     names = {id(p): n for n, p in model.named_parameters()}
     muon = [g for g in opt.param_groups if g["muon"]]
@@ -115,12 +114,12 @@ def test_make_optimizer_gives_muon_the_block_matrices_only(tie):
     assert in_muon == expected and len(expected) == 2 * 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block
     adam = {names[id(p)] for g in opt.param_groups if not g["muon"] for p in g["params"]}
     assert adam == set(names.values()) - expected  # embeddings, head, biases, norms
-    assert isinstance(make_optimizer(model, TrainConfig(), fused=False), torch.optim.AdamW)
+    assert isinstance(make_optimizer(model, TrainConfig()), torch.optim.AdamW)
 
 
 def test_muon_learns():
     model = tiny_gpt()
-    losses = train_steps(model, make_optimizer(model, TrainConfig(optimizer="muon", lr=3e-3, muon_lr=0.02), fused=False), 30, seed=3)
+    losses = train_steps(model, make_optimizer(model, TrainConfig(optimizer="muon", lr=3e-3, muon_lr=0.02)), 30, seed=3)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
 
 
@@ -128,14 +127,14 @@ def test_state_dict_round_trip_continues_exactly():
     """Save through torch.distributed.checkpoint's full state dict (as the trainer does), load into a fresh optimizer, continue."""
     t = TrainConfig(optimizer="muon", lr=3e-3)
     model = tiny_gpt()
-    opt = make_optimizer(model, t, fused=False)
+    opt = make_optimizer(model, t)
     train_steps(model, opt, 3)
     osd = copy.deepcopy(get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))  # as if saved
     assert {slot for slots in osd["state"].values() for slot in slots} == {"step", "exp_avg", "exp_avg_sq", "momentum_buffer"}
 
     fresh = tiny_gpt(seed=5)
     fresh.load_state_dict(model.state_dict())
-    fresh_opt = make_optimizer(fresh, t, fused=False)
+    fresh_opt = make_optimizer(fresh, t)
     set_optimizer_state_dict(fresh, fresh_opt, osd, options=StateDictOptions(full_state_dict=True))
     assert train_steps(fresh, fresh_opt, 3, seed=9) == train_steps(model, opt, 3, seed=9)
     for p, q in zip(model.parameters(), fresh.parameters(), strict=True):

@@ -16,7 +16,8 @@ from dist_gpt.batches import BatchLoader, load_meta, open_split
 from dist_gpt.config import Config, DataConfig
 from dist_gpt.errors import UserError
 from dist_gpt.io import sha256_file
-from dist_gpt.prepare import prepare, prepare_from_config
+from dist_gpt.prepare import prepare
+from dist_gpt.stages import prepare_from_config
 from dist_gpt.tokenizers import GPT2_FILE_ENV, CharTokenizer, load_tokenizer, render_prompt, render_response
 
 ENV = {"PYTHONPATH": str(REPO)}  # the launch scripts import dist_gpt from the checkout

@@ -56,8 +56,8 @@ if die:
 nan_at = int(os.environ.get("DIST_GPT_TEST_NAN_AT", "0"))
 if nan_at:
     forward, calls = model.GPT.forward, [0]
-    def nan_forward(self, idx, targets=None, loss_mask=None):
-        logits, loss = forward(self, idx, targets, loss_mask)
+    def nan_forward(self, idx, targets=None, return_logits=True):
+        logits, loss = forward(self, idx, targets, return_logits)
         if self.training and targets is not None:
             calls[0] += 1
             if calls[0] == nan_at:
@@ -199,7 +199,7 @@ def test_sigkill_at_random_steps_then_rerun_is_bit_identical(tmp_path, data_dir,
     # metrics.jsonl, which already held steps 0-4, ends up with each step once
     first = run(pretrain_cmd(run_dir, data_dir, faulty=True), env={"DIST_GPT_TEST_DIE_WRITING": ".tmp_step_000004/model.safetensors"})
     assert first.returncode == -signal.SIGKILL
-    assert list_checkpoints(run_dir) == [] and last_logged_step(run_dir) == 4
+    assert list_checkpoints(run_dir / "checkpoints") == [] and last_logged_step(run_dir) == 4
 
     # killed at a random later step: resumes from the newest checkpoint
     second = Running(cmd, tmp_path)
@@ -209,7 +209,7 @@ def test_sigkill_at_random_steps_then_rerun_is_bit_identical(tmp_path, data_dir,
     assert second.wait() == -signal.SIGKILL
     killed_at = last_logged_step(run_dir)
     assert kill_step <= killed_at < STEPS
-    newest = find_resumable(run_dir, pytest.fail)
+    newest = find_resumable(run_dir / "checkpoints", pytest.fail)
     assert newest is not None and killed_at - 4 <= int(newest.name[5:]) <= killed_at  # (the save of `killed_at` may have been cut short)
 
     out = run(cmd)
@@ -232,7 +232,7 @@ def test_two_processes_sigterm_then_sigkill_then_rerun_is_bit_identical(tmp_path
     assert first.wait() != 0
     stopped_at = last_logged_step(run_dir)
     assert f"stopped by SIGTERM at step {stopped_at}; checkpoint written" in first.stderr
-    assert find_resumable(run_dir, pytest.fail) == run_dir / "checkpoints" / f"step_{stopped_at:06d}"
+    assert find_resumable(run_dir / "checkpoints", pytest.fail) == run_dir / "checkpoints" / f"step_{stopped_at:06d}"
 
     # SIGKILL to every process (a lost node) at a random later step
     second = Running(pretrain_cmd(run_dir, data_dir, 2), tmp_path)
@@ -307,7 +307,7 @@ def test_signal_writes_a_checkpoint_and_exits(tmp_path, data_dir, reference, sig
     assert f"received {name}: writing a checkpoint at the end of this step" in running.stderr
     assert f"stopped by {name} at step {stopped_at}; checkpoint written to {run_dir}; rerun the same command to resume" in running.stderr
     assert "Traceback" not in running.stderr
-    assert find_resumable(run_dir, pytest.fail) == run_dir / "checkpoints" / f"step_{stopped_at:06d}"
+    assert find_resumable(run_dir / "checkpoints", pytest.fail) == run_dir / "checkpoints" / f"step_{stopped_at:06d}"
     assert not (run_dir / ".lock").exists()
     if sig == signal.SIGTERM:  # resuming from a checkpoint at any step (not only a multiple of the interval) is exact too
         out = run(pretrain_cmd(run_dir, data_dir))
@@ -326,7 +326,7 @@ def test_second_signal_exits_at_once(tmp_path, data_dir):
     assert running.wait(timeout=60) == 128 + signal.SIGTERM
     assert "stopped by" not in running.stderr
     assert last_logged_step(run_dir) == 0  # the step under way was abandoned, nothing was saved
-    assert list_checkpoints(run_dir) == []
+    assert list_checkpoints(run_dir / "checkpoints") == []
 
 
 # ----------------------------------------------------------------------------- broken checkpoints
@@ -339,7 +339,7 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path, data_dir, r
         dying = run(pretrain_cmd(run_dir, data_dir, faulty=True), env={"DIST_GPT_TEST_DIE_WRITING": dying_file})
         assert dying.returncode == -signal.SIGKILL, dying.stderr
         assert (ckpts / dying_file).parent.is_dir()  # the half-written folder ...
-        assert list_checkpoints(run_dir)[0].name == newest  # ... never counts
+        assert list_checkpoints(run_dir / "checkpoints")[0].name == newest  # ... never counts
 
     out = run(pretrain_cmd(run_dir, data_dir))
     assert_clean_exit(out)
@@ -362,7 +362,7 @@ def test_corrupt_checkpoints_are_skipped_down_to_a_complete_one(tmp_path, data_d
     """The reference keeps 5 checkpoints: break the newest 4, each differently; the same command resumes from the 5th."""
     run_dir, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
     shutil.copytree(reference, run_dir)
-    assert [p.name for p in list_checkpoints(run_dir)] == ["step_000030", "step_000028", "step_000024", "step_000020", "step_000016"]
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_000030", "step_000028", "step_000024", "step_000020", "step_000016"]
     damage = {
         "step_000030/model.safetensors": (_truncate, "is truncated or altered"),
         "step_000028/optimizer.safetensors": (_flip_a_byte, "is corrupt (SHA-256 does not match the manifest)"),
@@ -383,15 +383,15 @@ def test_corrupt_checkpoints_are_skipped_down_to_a_complete_one(tmp_path, data_d
         assert warning.endswith(f"; moved it to broken_{step_dir} and falling back to an older one")
         assert (ckpts / f"broken_{step_dir}").is_dir()
     assert f"resuming from {ckpts / 'step_000016'}" in out.stderr
-    assert [p.name for p in list_checkpoints(run_dir)] == ["step_000030", "step_000028", "step_000024", "step_000020", "step_000016"]
-    assert all(verify_checkpoint(p) is None for p in list_checkpoints(run_dir))  # written again, complete
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_000030", "step_000028", "step_000024", "step_000020", "step_000016"]
+    assert all(verify_checkpoint(p) is None for p in list_checkpoints(run_dir / "checkpoints"))  # written again, complete
     assert_same_run(run_dir, reference)
 
 
 def test_checkpoints_sort_by_step_number(tmp_path):
     for step in (999_999, 1_000_000, 8):
         (tmp_path / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_1000000", "step_999999", "step_000008"]
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_1000000", "step_999999", "step_000008"]
 
 
 # ----------------------------------------------------------------------------- NaN / inf
@@ -403,7 +403,7 @@ def test_nan_loss_stops_without_touching_the_last_checkpoint(tmp_path, data_dir,
     assert out.returncode == 2
     assert out.stderr.splitlines()[-1].startswith("error: the loss became nan at step 10; stopping without saving")
     assert "Traceback" not in out.stderr
-    assert list_checkpoints(run_dir)[0].name == "step_000008"
+    assert list_checkpoints(run_dir / "checkpoints")[0].name == "step_000008"
     assert verify_checkpoint(run_dir / "checkpoints" / "step_000008") is None
     assert (run_dir / "model.safetensors").read_bytes() == (run_dir / "checkpoints" / "step_000008" / "model.safetensors").read_bytes()
     assert last_logged_step(run_dir) == 9
@@ -432,14 +432,14 @@ def test_diverging_run_stops_on_the_first_non_finite_loss(tmp_path, data_dir):
     out = run(pretrain_cmd(run_dir, data_dir, 1, "--train.lr=1e30", "--train.min_lr=0", "--train.warmup_steps=0"))
     assert out.returncode == 2
     assert re.match(r"error: the (loss|gradient norm) became (nan|inf) at step 2; stopping without saving", out.stderr.splitlines()[-1])
-    assert not (run_dir / "model.safetensors").exists() and list_checkpoints(run_dir) == []
+    assert not (run_dir / "model.safetensors").exists() and list_checkpoints(run_dir / "checkpoints") == []
 
 
 # ----------------------------------------------------------------------------- nothing is unpickled
 
 
 def test_checkpoints_hold_only_safetensors_and_json(reference):
-    for folder in list_checkpoints(reference):
+    for folder in list_checkpoints(reference / "checkpoints"):
         names = sorted(p.name for p in folder.iterdir())
         assert names == ["MANIFEST.json", "model.safetensors", "optimizer.safetensors", "rng_rank0.json", "rng_rank0.safetensors", "trainer.json"]
         for p in folder.glob("*.json"):

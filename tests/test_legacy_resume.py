@@ -1,0 +1,55 @@
+"""A checkpoint written before the RunDir/Checkpointer split (format 1, commit ba4193c) still resumes bit-exactly.
+
+tests/fixtures/legacy_run/ was made by tests/fixtures/make_legacy_run.sh with that commit: a tiny model (Muon + AdamW,
+dropout on) trained 8 steps with a checkpoint every 4. Only the step-4 checkpoint is kept; rerunning the same command
+with today's code must end with the uninterrupted run's weights and losses, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from conftest import run_script
+from safetensors.torch import load_file
+
+from dist_gpt.checkpoint import read_parts, verify_checkpoint
+
+FIXTURE = Path(__file__).parent / "fixtures" / "legacy_run"
+ARGS = [
+    "--config", "configs/smoke.yaml",
+    "--model.n_layer=1", "--model.n_head=2", "--model.n_embd=16", "--model.block_size=16", "--model.dropout=0.1",
+    "--train.batch_size=4", "--train.max_steps=8", "--train.checkpoint_interval=4", "--train.keep_checkpoints=2", "--train.eval_interval=4",
+    "--train.optimizer=muon", "--train.sample_tokens=8", "--train.threads=1",
+]  # fmt: skip
+
+
+def test_format1_checkpoint_is_read_as_parts():
+    step4 = FIXTURE / "run" / "checkpoints" / "step_000004"
+    assert verify_checkpoint(step4) is None
+    parts = read_parts(step4)
+    assert parts["train"]["step"] == 4 and parts["loader"]["position"] == 4 * 4
+    assert set(parts["model"]) == set(load_file(FIXTURE / "reference" / "model.safetensors"))
+    assert all(set(slots) for slots in parts["optimizer"]["state"].values()) and len(parts["optimizer"]["param_groups"]) == 3  # AdamW x2, Muon
+    assert isinstance(parts["rng"]["torch"], torch.Tensor)
+
+
+def test_format1_checkpoint_resumes_bit_exactly(tmp_path, shakespeare):
+    run_dir = tmp_path / "run"
+    shutil.copytree(FIXTURE / "run", run_dir)
+    out = run_script("pretrain.py", *ARGS, f"--data.source={shakespeare}", f"--data.dir={tmp_path / 'data'}", f"--run.out_dir={run_dir}")
+    assert out.returncode == 0, out.stderr
+    assert "resuming from" in out.stderr and "step_000004" in out.stderr
+    expected = load_file(FIXTURE / "reference" / "model.safetensors")
+    got = load_file(run_dir / "model.safetensors")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    reference = {r["step"]: r for r in map(json.loads, (FIXTURE / "reference" / "metrics.jsonl").read_text().splitlines())}
+    resumed = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == list(range(5, 9))  # the old run kept no metrics.jsonl: only the resumed steps
+    for r in resumed:
+        assert r["train_loss"] == reference[r["step"]]["train_loss"]
+        if "val_loss" in r:
+            assert r["val_loss"] == reference[r["step"]]["val_loss"]
+    assert (run_dir / ".dist_gpt_run").is_file()  # adopted as a run with a marker
