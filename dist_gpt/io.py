@@ -143,7 +143,7 @@ def read_json(path: str | Path, what: str = "file") -> Any:
 
 
 def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in 4 MB blocks."""
+    """The SHA-256 of a file's bytes, read in 4 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 22):

@@ -21,7 +21,6 @@ import fcntl
 import json
 import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import yaml
 from dist_gpt.checkpoint import clean_partial_checkpoints, find_resumable, list_checkpoints, load_weights, read_train_state, save_weights
 from dist_gpt.config import Config, from_dict, save_config
 from dist_gpt.errors import UserError
-from dist_gpt.io import atomic_write_json, disk_error, read_json
+from dist_gpt.io import FileLock, atomic_write_json, read_json
 from dist_gpt.tracking import log
 
 MARKER = ".dist_gpt_run"
@@ -121,44 +120,6 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
 # ----------------------------------------------------------------------------- the lock
 
 
-class RunLock:
-    """An exclusive flock on RUN_DIR/.lock: released by the kernel when the process dies, so it is never stale."""
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / LOCK
-        self.fd: int | None = None
-
-    def acquire(self) -> None:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
-        except OSError as e:
-            raise disk_error(self.path, e) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = _read_owner(fd)
-            os.close(fd)
-            raise UserError(
-                f"run directory {self.path.parent} is in use by a live run ({owner}); wait for it to finish, stop it, or choose another --run.out_dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode())
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing drops the flock
-            self.fd = None
-
-
-def _read_owner(fd: int) -> str:
-    try:
-        owner = json.loads(os.pread(fd, 200, 0) or b"{}")
-        return f"PID {owner['pid']} on {owner['host']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another process"
-
-
 def is_locked(run_dir: Path) -> bool:
     """True while a live process trains into `run_dir`."""
     try:
@@ -188,7 +149,7 @@ class RunDir:
     existing: bool = False  # it held a run when opened
     clear: bool = False  # run.overwrite: the old run goes when training begins
     created: bool = False  # this command made the directory
-    lock: RunLock | None = None
+    lock: FileLock | None = None
 
     @property
     def checkpoints(self) -> Path:
@@ -220,9 +181,15 @@ class RunDir:
         except OSError as e:
             raise UserError(f"cannot create run directory {path}: {e.strerror}; choose a writable --run.out_dir") from None
         run.created = not existed
-        run.lock = RunLock(path)
+        run.lock = FileLock(path / LOCK, f"run in {path}", log)
         try:
-            run.lock.acquire()
+            try:
+                run.lock.acquire(wait=False)
+            except UserError:
+                pid = run.lock.holder()
+                raise UserError(
+                    f"run directory {path} is in use by a live run{f' (PID {pid})' if pid else ''}; wait for it to finish, stop it, or choose another --run.out_dir"
+                ) from None
             if run.existing:
                 run._find_checkpoint(cfg)
         except BaseException:

@@ -55,6 +55,11 @@ def peak_flops(device_name: str) -> tuple[float, str] | None:
 # ----------------------------------------------------------------------------- the accelerator
 
 
+def use_cuda() -> bool:
+    """Train on the GPU: CUDA is there and the launch did not ask for the CPU (ACCELERATE_USE_CPU, configs/accelerate/cpu.yaml)."""
+    return torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
+
+
 def make_accelerator(cfg: Config) -> Accelerator:
     """The Accelerator for this process, after checking the launcher really started the processes it claims.
 
@@ -65,7 +70,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     user_threads = os.environ.get("OMP_NUM_THREADS")
     if user_threads == "1" and launched_by_accelerate:
         user_threads = None  # `accelerate launch` writes OMP_NUM_THREADS=1 when nobody asked; train.threads says it explicitly
-    cuda = torch.cuda.is_available()
+    cuda = use_cuda()
     if not cuda:  # threads first: the hardware probe below measures with them
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
         torch.set_num_threads(cfg.train.threads or (int(user_threads) if user_threads else max(1, len(os.sched_getaffinity(0)) // local)))

@@ -29,7 +29,7 @@ from dist_gpt.errors import UserError
 from dist_gpt.model import GPT
 from dist_gpt.prepare import prepare
 from dist_gpt.rundir import RunDir, is_locked, load_run, read_config, read_summary
-from dist_gpt.runtime import check_memory, make_accelerator, on_main, resolve_batching, teardown
+from dist_gpt.runtime import check_memory, make_accelerator, on_main, resolve_batching, teardown, use_cuda
 from dist_gpt.tokenizers import Tokenizer, load_tokenizer
 from dist_gpt.tracking import log
 from dist_gpt.trainer import Job, Trainer
@@ -139,7 +139,7 @@ configs/shakespeare_char_cpu.yaml otherwise. Offline, point at a local corpus wi
 def default_pretrain_config(args: list[str]) -> str | None:
     if any(a == "--config" or a.startswith("--config=") for a in args):
         return None
-    if torch.cuda.is_available():
+    if use_cuda():
         log("no --config given: using configs/shakespeare_char.yaml (the lecture model; a GPU is present)")
         return config_path("shakespeare_char.yaml")
     log("no --config given and no GPU: using configs/shakespeare_char_cpu.yaml (the lecture model needs hours on a CPU; this one trains in minutes)")

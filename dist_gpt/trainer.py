@@ -21,7 +21,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from dist_gpt.batches import BatchLoader, eval_batches, open_split
+from dist_gpt.batches import BatchLoader, check_split_size, eval_batches, open_split
 from dist_gpt.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState, TrainState
 from dist_gpt.config import Config
 from dist_gpt.errors import UserError
@@ -110,6 +110,8 @@ class Trainer:
         self.peak = peak_flops(torch.cuda.get_device_name(accelerator.device)) if cuda else None
 
         self.train_split, self.val_split = open_split(job.data_dir, "train"), open_split(job.data_dir, "val")
+        for name, split in (("train", self.train_split), ("val", self.val_split)):
+            check_split_size(name, len(split.tokens), self.block_size)
         loader = BatchLoader(self.train_split, self.block_size, t.batch_size, seed=self.cfg.run.seed, rank=self.rank, world_size=self.world, mode=self.cfg.data.loader)
         self.batches = DeviceBatches(loader, accelerator.device)
 

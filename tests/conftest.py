@@ -1,4 +1,4 @@
-"""Test environment: never touch the network, never prompt, one thread per process."""
+"""Test environment: never touch the network, never prompt, one thread per process, no GPU (also on a GPU host)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ for key, value in {
     "PYTHONUNBUFFERED": "1",
 }.items():
     os.environ.setdefault(key, value)
+# The suite checks the CPU path: exact CPU numerics, thread counts, gloo groups, the FSDP fallback, the CPU default
+# config. On a GPU host, hide the GPUs from every test and every process a test starts (they inherit os.environ);
+# bench/gpu.sh checks the GPU path. Set before torch initialises CUDA.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import torch  # noqa: E402
 
@@ -50,7 +54,9 @@ def sonnets() -> Path:
     return SONNETS
 
 
-def run_script(script: str, *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600, launcher: list[str] | None = None
+) -> subprocess.CompletedProcess:
     """Run `launch/<script>` as a user would (python, or a launcher such as accelerate); capture its output."""
     cmd = [*(launcher or [sys.executable]), str(REPO / "launch" / script), *args]
     full_env = {**os.environ, **(env or {})}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import shutil
 import socket
@@ -79,13 +78,13 @@ def bigger_tokenizer(p: dict) -> None:
 def live_lock(p: dict) -> None:
     """Another live run holds the directory: this test process holds the flock of its .lock, which names it."""
     p["out"].mkdir()
-    (p["out"] / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    (p["out"] / ".lock").write_text(f"{os.getpid()}\n")
     p["lock_fd"] = os.open(p["out"] / ".lock", os.O_RDWR)
     fcntl.flock(p["lock_fd"], fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def lock_untouched(p: dict) -> None:
-    assert json.loads((p["out"] / ".lock").read_text()) == {"host": socket.gethostname(), "pid": os.getpid()}
+    assert (p["out"] / ".lock").read_text() == f"{os.getpid()}\n"
     assert sorted(x.name for x in p["out"].iterdir()) == [".lock"]
     os.close(p["lock_fd"])
 
@@ -114,6 +113,66 @@ def nothing_saved(p: dict) -> None:
 def copy_unchanged(p: dict) -> None:
     """A rejected resume leaves the run directory as it was."""
     assert snapshot(p["out"]) == snapshot(p["run"])
+
+
+def without_checkpoints(p: dict) -> None:
+    """The finished run with its checkpoints deleted to save disk."""
+    copy_run(p)
+    shutil.rmtree(p["out"] / "checkpoints")
+
+
+def unchanged_but_checkpoints(p: dict) -> None:
+    assert snapshot(p["out"]) == {k: v for k, v in snapshot(p["run"]).items() if not k.startswith("checkpoints/")}
+
+
+def other_corpus(p: dict) -> None:
+    """The run, and another corpus whose character vocabulary has the same size (65) as Tiny Shakespeare's."""
+    copy_run(p)
+    chars = [chr(c) for c in range(0x100, 0x100 + 64)] + ["\n"]
+    (p["tmp"] / "other.txt").write_text("".join(chars[i % 65] for i in range(20_000)) + "\n", encoding="utf-8")
+
+
+def same_chars_other_text(p: dict) -> None:
+    """The run, and another text with exactly Tiny Shakespeare's characters (the same char tokenizer): the corpus backwards."""
+    copy_run(p)
+    (p["tmp"] / "other.txt").write_text(p["shakespeare"].read_text(encoding="utf-8")[::-1], encoding="utf-8")
+
+
+def broken_checkpoints(p: dict) -> None:
+    """Every checkpoint of the run damaged (a flipped byte), its trained model still there."""
+    copy_run(p)
+    for ckpt in (p["out"] / "checkpoints").iterdir():
+        f = ckpt / "optimizer.safetensors"
+        data = bytearray(f.read_bytes())
+        data[-1] ^= 0xFF
+        f.write_bytes(bytes(data))
+
+
+def model_kept(p: dict) -> None:
+    assert (p["out"] / "model.safetensors").read_bytes() == (p["run"] / "model.safetensors").read_bytes()
+    assert not list((p["out"] / "checkpoints").glob("step_*"))  # the broken ones were moved aside, not resumed
+
+
+def foreign_folder(p: dict) -> None:
+    """A folder of someone else's files."""
+    p["out"].mkdir()
+    (p["out"] / "notes.txt").write_text("my notes")
+    (p["out"] / "sub").mkdir()
+    (p["out"] / "sub" / "data.csv").write_text("a,b\n1,2\n")
+
+
+def foreign_untouched(p: dict) -> None:
+    assert snapshot(p["out"]) == {"notes.txt": b"my notes", "sub/data.csv": b"a,b\n1,2\n"}
+
+
+def runs_folder(p: dict) -> None:
+    """{out} is a folder holding runs, like runs/."""
+    p["out"].mkdir()
+    shutil.copytree(p["run"], p["out"] / "a")
+
+
+def runs_untouched(p: dict) -> None:
+    assert snapshot(p["out"] / "a") == snapshot(p["run"])
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -212,7 +271,7 @@ ROWS = [
         "pretrain: run directory held by a live run",
         "pretrain.py",
         PRETRAIN,
-        "run directory {out} is in use by a live run (PID {pid} on {host})",
+        "run directory {out} is in use by a live run (PID {pid})",
         live_lock,
         check=lock_untouched,
     ),
@@ -237,6 +296,95 @@ ROWS = [
         "pretrain.py",
         [*PRETRAIN, "--train.max_steps=8", "--model.n_embd=48"],
         "holds a model of another shape than the config asks for",
+        copy_run,
+        check=copy_unchanged,
+    ),
+    # the run directory is owned: nothing a command does destroys a run (issue 15)
+    Row(
+        "pretrain: finished run without checkpoints, rerun",
+        "pretrain.py",
+        PRETRAIN,
+        ("holds a trained model but its checkpoints/ folder is gone", "finetune.init_from={out}", "--run.resume=never --run.overwrite=true"),
+        without_checkpoints,
+        check=unchanged_but_checkpoints,
+    ),
+    Row(
+        "pretrain: finished run without checkpoints, continued with more steps",
+        "pretrain.py",
+        [*PRETRAIN, "--train.max_steps=8"],
+        "holds a trained model but its checkpoints/ folder is gone",
+        without_checkpoints,
+        check=unchanged_but_checkpoints,
+    ),
+    Row(
+        "pretrain: finished run continued on another corpus of the same vocabulary size",
+        "pretrain.py",
+        [*SMOKE, "--data.source={tmp}/other.txt", "--data.dir={tmp}/other_data", "--run.out_dir={out}", "--train.max_steps=8"],
+        ("was trained with another tokenizer", "resume with the data it was trained on"),
+        other_corpus,
+        check=copy_unchanged,
+    ),
+    Row(
+        "pretrain: finished run continued on other data with the same tokenizer",
+        "pretrain.py",
+        [*SMOKE, "--data.source={tmp}/other.txt", "--data.dir={tmp}/other_data", "--run.out_dir={out}", "--train.max_steps=8"],
+        ("was trained on other data", "finetune from it to train on new data"),
+        same_chars_other_text,
+        check=copy_unchanged,
+    ),
+    Row(
+        "pretrain: every checkpoint broken, the trained model there",
+        "pretrain.py",
+        [*PRETRAIN, "--train.max_steps=8"],
+        ("holds a trained model but no complete checkpoint survives", "--run.resume=never --run.overwrite=true"),
+        broken_checkpoints,
+        check=model_kept,
+    ),
+    Row(
+        "pretrain: overwrite a folder that is not a run",
+        "pretrain.py",
+        [*PRETRAIN, "--run.resume=never", "--run.overwrite=true"],
+        ("is a non-empty folder that is not a dist_gpt run", "choose another --run.out_dir"),
+        foreign_folder,
+        check=foreign_untouched,
+    ),
+    Row(
+        "pretrain: overwrite a folder of runs",
+        "pretrain.py",
+        [*PRETRAIN, "--run.resume=never", "--run.overwrite=true"],
+        "holds other runs; a run needs a folder of its own",
+        runs_folder,
+        check=runs_untouched,
+    ),
+    Row(
+        "pretrain: the data folder as the run directory",
+        "pretrain.py",
+        [*SMOKE, "--data.source={shakespeare}", "--data.dir={data}", "--run.out_dir={data}", "--run.resume=never", "--run.overwrite=true"],
+        "is the data folder (or above it)",
+    ),
+    Row(
+        "pretrain: a folder above the data as the run directory",
+        "pretrain.py",
+        [*SMOKE, "--data.source={shakespeare}", "--data.dir={tmp}/d/data", "--run.out_dir={tmp}/d", "--run.resume=never", "--run.overwrite=true"],
+        "is the data folder (or above it)",
+    ),
+    Row(
+        "finetune: into its own parent",
+        "finetune.py",
+        [*SMOKE, "--data.source={shakespeare}", "--data.dir={tmp}/ft_data", "--run.out_dir={run}", "--finetune.init_from={run}"],
+        ("is the parent run", "never touches its parent's"),
+    ),
+    Row(
+        "finetune: inside its parent",
+        "finetune.py",
+        [*SMOKE, "--data.source={shakespeare}", "--data.dir={tmp}/ft_data", "--run.out_dir={run}/finetuned", "--finetune.init_from={run}"],
+        "is the parent run {run} (or contains or lies inside it)",
+    ),
+    Row(
+        "finetune: into a pretrain run",
+        "finetune.py",
+        FINETUNE,
+        "holds a pretrain run; this finetune needs its own directory",
         copy_run,
         check=copy_unchanged,
     ),
@@ -347,6 +495,17 @@ def test_bad_input(row: Row, world: dict, tmp_path: Path):
     assert {name: snapshot(world[name]) for name in ("data", "run")} == shared_before
     if row.check:
         row.check(paths)
+
+
+def test_a_command_with_nothing_to_do_changes_nothing(world, tmp_path, shakespeare):
+    """A finished run rerun as it was, or on another corpus: "nothing to do", and not one byte of it changes."""
+    copy_run({"run": world["run"], "out": tmp_path / "run"})
+    (tmp_path / "other.txt").write_text(shakespeare.read_text(encoding="utf-8")[::-1], encoding="utf-8")
+    before = snapshot(tmp_path / "run")
+    for source, data in ((shakespeare, world["data"]), (tmp_path / "other.txt", tmp_path / "other_data")):
+        out = run_script("pretrain.py", *SMOKE, f"--data.source={source}", f"--data.dir={data}", f"--run.out_dir={tmp_path / 'run'}", "--train.max_steps=4")
+        assert out.returncode == 0 and "run already complete at step 4" in out.stderr, out.stderr
+        assert snapshot(tmp_path / "run") == before
 
 
 def test_table_covers_every_stage():
