@@ -687,7 +687,7 @@ def _write_split(staged: StagedFiles, path: Path, enc: Any, column: str, rows: n
                 values = ids.flatten().to_numpy(zero_copy_only=False)  # the fast Arrow flatten, no per-row objects
                 a, b = max(lo - pos, 0), min(hi - pos, len(values))
                 if a < b:
-                    values[a:b].astype(dtype, copy=False).tofile(f)
+                    f.write(memoryview(values[a:b].astype(dtype, copy=False)))  # a short write raises OSError with its errno
                 pos += len(values)
 
     staged.write(path, write)
