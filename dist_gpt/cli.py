@@ -15,7 +15,7 @@ from dist_gpt.errors import UserError
 
 
 def main(fn: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
-    """Run `fn(args)`; a UserError (or a bad-input OSError) becomes one line on stderr and exit code 2.
+    """Run `fn(args)`; a UserError becomes one line on stderr and exit code 2.
 
     `--debug` (or DIST_GPT_DEBUG=1) shows the full traceback instead.
     """
