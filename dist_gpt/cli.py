@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dist_gpt.config import CLIP, Config, help_text, load_config
+from dist_gpt.config import CLIP, Config, help_text, load_config, shorten
 from dist_gpt.errors import UserError
 
 
@@ -27,7 +27,7 @@ def main(fn: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
     except UserError as e:
         if debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(str(e))}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
@@ -37,13 +37,16 @@ def main(fn: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
         sys.exit(0)
 
 
+def one_line(message: str, limit: int = 1000) -> str:
+    """A message as one line of at most `limit` characters (a wrapped library message, a huge quoted value)."""
+    return shorten(" ".join(message.split()), limit)
+
+
 class ArgParser(argparse.ArgumentParser):
     """argparse for the launch scripts' own flags: a bad argument raises UserError (one line, exit 2) instead of printing usage."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        if len(message) > 2 * CLIP:  # argparse quotes the user's values
-            message = message[: 2 * CLIP - 3] + "..."
-        raise UserError(f"{message} (see --help)")
+        raise UserError(f"{shorten(message, 2 * CLIP)} (see --help)")  # argparse quotes the user's values
 
 
 def config_path(name: str) -> str:

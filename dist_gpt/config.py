@@ -207,6 +207,11 @@ def clip(value: Any, limit: int = CLIP) -> str:
         text = repr(value)
     except ValueError:  # an int beyond Python's 4300-digit str() limit
         text = f"<an int of about {int(value.bit_length() * 0.30103)} digits>"
+    return shorten(text, limit)
+
+
+def shorten(text: str, limit: int = CLIP) -> str:
+    """text cut to `limit` characters with '...' (for text that is not quoted, e.g. a library's message)."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -282,7 +287,7 @@ def parse_yaml(text: str) -> Any:
     except RecursionError:
         raise YAMLRejected("nested too deeply") from None
     except ValueError as e:  # e.g. an integer of more than 4300 digits
-        raise YAMLRejected(f"a value cannot be read ({str(e).split(':')[0][:CLIP]})") from None
+        raise YAMLRejected(f"a value cannot be read ({shorten(str(e).split(':')[0])})") from None
     finally:
         loader.dispose()
 
@@ -317,8 +322,8 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     """One short line: the parser's problem and where."""
     if isinstance(e, yaml.MarkedYAMLError) and e.problem:
         where = f" at line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}" if e.problem_mark else ""
-        return f"{e.problem[:CLIP]}{where}"
-    return str(e).splitlines()[0][:CLIP] if str(e) else type(e).__name__
+        return f"{shorten(e.problem)}{where}"
+    return shorten(str(e).splitlines()[0]) if str(e) else type(e).__name__
 
 
 # ----------------------------------------------------------------------------- keys and values
@@ -478,7 +483,7 @@ def expand_user(cfg: Config) -> None:
     cfg.run.out_dir = os.path.expanduser(cfg.run.out_dir)
     cfg.data.dir = os.path.expanduser(cfg.data.dir)
     if not _is_url(cfg.data.source):
-        cfg.data.source = ",".join(os.path.expanduser(part) if part.strip().startswith("~") else part for part in cfg.data.source.split(","))
+        cfg.data.source = ",".join(os.path.expanduser(part.strip()) if part.strip().startswith("~") else part for part in cfg.data.source.split(","))
     if not cfg.finetune.init_from.startswith("hf:"):
         cfg.finetune.init_from = os.path.expanduser(cfg.finetune.init_from)
 
