@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from dist_gpt.config import shorten
 from dist_gpt.errors import UserError
-from dist_gpt.hellaswag import HellaSwagResult, Item, accuracy, find_data, format_result, predict, read_items
+from dist_gpt.hellaswag import HellaSwagResult, accuracy, find_data, format_result, predict, read_items
 from dist_gpt.model import IGNORE_INDEX
 
 DECODE_CHUNK = 1 << 20
@@ -269,11 +269,8 @@ def main(args: list[str]) -> Result | HellaSwagResult:
     opts = parse_args(args)
     device = resolve_device(opts.device)
     if opts.task == "hellaswag":
-        items_path = find_data(opts.items, log=lambda m: print(m, file=sys.stderr))
-        items = read_items(items_path)  # a bad file fails before the model loads
+        return hellaswag(opts, device)
     run = load_run(opts.run, device=str(device))
-    if opts.task == "hellaswag":
-        return hellaswag(run, items, items_path, opts, device)
     tok, T = run.tokenizer, run.config.model.block_size
     if opts.source:
         data, what = file_tokens(Path(opts.source).expanduser(), tok, opts.unknown), f"{opts.source} ({tok.kind} tokenizer)"
@@ -291,8 +288,13 @@ def main(args: list[str]) -> Result | HellaSwagResult:
     return result
 
 
-def hellaswag(run: Any, items: list[Item], path: Path, opts: argparse.Namespace, device: torch.device) -> HellaSwagResult:
-    """--task hellaswag: accuracy of the run's model on the items."""
+def hellaswag(opts: argparse.Namespace, device: torch.device) -> HellaSwagResult:
+    """--task hellaswag: accuracy of the run's model on the items of --data."""
+    from dist_gpt.checkpoint import load_run
+
+    path = find_data(opts.items, log=lambda m: print(m, file=sys.stderr))
+    items = read_items(path)  # a bad file fails before the model loads
+    run = load_run(opts.run, device=str(device))
     model = run.model.eval()
     with out_of_memory_is_user_error(opts.batch_size):
         choices = predict(lambda x: model(x)[0], items, run.tokenizer, run.config.model.block_size, opts.batch_size, device, opts.unknown)
