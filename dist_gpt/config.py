@@ -224,7 +224,8 @@ class YAMLRejected(yaml.YAMLError):
 
 class StrictLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys (at any level), more than MAX_ALIASES aliases, nesting deeper than
-    MAX_DEPTH and a document that would expand to more than MAX_NODES values. Nothing is ever expanded to check."""
+    MAX_DEPTH and a document that would expand to more than MAX_NODES values (checked by walking at most MAX_NODES
+    values, so a bomb costs no more than a big honest file)."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
