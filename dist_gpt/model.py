@@ -427,12 +427,14 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not (temperature >= 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    """The one check of the sampling arguments (sample.py reports its ValueError as a user error)."""
+    min_temperature = 1e-6  # below this, logits / temperature overflows float32 for ordinary logits: NaN probabilities
+    if not (math.isfinite(temperature) and (temperature == 0 or temperature >= min_temperature)):
+        raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {min_temperature:g} (smaller ones overflow the logits), got {temperature:g}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise ValueError(f"top_p must be in (0, 1], got {top_p:g}")
 
 
 def _check_config(c: GPTConfig) -> None:
