@@ -141,7 +141,8 @@ def main() -> None:
 
     tokens = args.batch * LECTURE["block_size"]
     ref = min(times["nanoGPT (exact GELU, no biases)"])
-    print(f"# torch {torch.__version__}, {args.threads} threads, batch {args.batch} x {LECTURE['block_size']}, {args.rounds} rounds, {args.clock} time per step")
+    shape = f"batch {args.batch} x {LECTURE['block_size']}"
+    print(f"# torch {torch.__version__}, {args.threads} threads, {shape}, {args.rounds} rounds, {args.clock} time per step")
     print("| model | min ms | median ms | tokens/s (min) | vs nanoGPT (min) |")
     print("|---|---|---|---|---|")
     for name, ts in times.items():
