@@ -207,7 +207,8 @@ def _decide_cpu(model: GPTConfig, train: TrainConfig) -> Decisions:
     warnings = _cpu_warnings(info, train)
     if model.kind == "bigram":
         precision = "bf16" if train.mixed_precision == "bf16" else "no"
-        return Decisions(precision, "sdpa", torch.float32, [f"precision {precision}: the bigram model has no matmuls to speed up"], warnings)
+        why = "set by train.mixed_precision" if precision == "bf16" else "the bigram model has no matmuls to speed up"
+        return Decisions(precision, "sdpa", torch.float32, [f"precision {'fp32' if precision == 'no' else 'bf16'}: {why}"], warnings)
     choice = "no" if train.mixed_precision == "fp16" else train.mixed_precision
     precisions = [choice] if choice != "auto" else (["no"] if info.native_bf16 is False else ["no", "bf16"])
     impls = ["sdpa", "matmul"] if model.attn_impl == "auto" else [model.attn_impl]

@@ -238,6 +238,12 @@ def test_cuda_v100_gets_fp16_not_emulated_bf16(monkeypatch):
 # ----------------------------------------------------------------------------- the rest
 
 
+def test_bigram_needs_no_probe(monkeypatch):
+    monkeypatch.setattr(hw, "_by_probe", lambda *a: pytest.fail("nothing to measure"))
+    d = hw.decide(GPTConfig(kind="bigram", vocab_size=17), train_cfg(), "cpu")
+    assert (d.precision, d.reasons) == ("no", ["precision fp32: the bigram model has no matmuls to speed up"])
+
+
 def test_decisions_round_trip_through_json(monkeypatch):
     monkeypatch.setenv(hw.CPU_BF16_ENV, "1")
     d = hw.decide(small_model(attn_impl="auto"), train_cfg(optimizer="muon", mixed_precision="bf16"), "cpu")
