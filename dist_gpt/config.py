@@ -87,11 +87,7 @@ class GPTConfig:
     )
     qk_norm: bool = opt(False, "RMS-normalise each head's queries and keys before attention")
     zero_init_proj: bool = opt(False, "start the projections into the residual stream (attn and MLP c_proj) at zero")
-    attn_impl: str = opt(
-        "sdpa",
-        "attention kernel in training: sdpa: F.scaled_dot_product_attention; matmul: plain matmul + softmax (faster under bf16 on some CPUs)",
-        ("sdpa", "matmul"),
-    )
+    attn_impl: str = opt("auto", "attention kernel in training: auto: the faster here (measured on CPUs, sdpa on GPUs); sdpa: F.scaled_dot_product_attention; matmul: plain matmul + softmax", ("auto", "sdpa", "matmul"))
 
 
 @dataclass

@@ -68,7 +68,7 @@ class CausalSelfAttention(nn.Module):
 
     n_head=1 is the lecture's single head (head size n_embd). Options: `qk_norm` RMS-normalises each
     head's queries and keys, `pos_emb=rope` rotates them by position, `attn_impl=matmul` writes the
-    training attention as plain matmuls.
+    training attention as plain matmuls (`auto`, which the trainer resolves first, counts as sdpa here).
     """
 
     def __init__(self, config: GPTConfig):
@@ -451,8 +451,8 @@ def _check_config(c: GPTConfig) -> None:
         raise UserError(f"model.n_embd ({c.n_embd}) must be divisible by model.n_head ({c.n_head})")
     if c.activation not in ("gelu", "relu", "relu2"):
         raise UserError(f"model.activation must be gelu, relu or relu2, got {c.activation!r}")
-    if c.pos_emb not in ("learned", "rope") or c.attn_impl not in ("sdpa", "matmul"):
-        raise UserError(f"model.pos_emb must be learned or rope and model.attn_impl sdpa or matmul, got {c.pos_emb!r} and {c.attn_impl!r}")
+    if c.pos_emb not in ("learned", "rope") or c.attn_impl not in ("auto", "sdpa", "matmul"):
+        raise UserError(f"model.pos_emb must be learned or rope and model.attn_impl auto, sdpa or matmul, got {c.pos_emb!r} and {c.attn_impl!r}")
     if c.pos_emb == "rope" and (c.n_embd // c.n_head) % 2:
         raise UserError(f"model.pos_emb=rope needs an even head size, got n_embd / n_head = {c.n_embd // c.n_head}")
     if not 0.0 <= c.dropout < 1.0:
