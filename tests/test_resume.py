@@ -30,6 +30,7 @@ from conftest import REPO, SHAKESPEARE, run_script
 from safetensors.torch import load_file
 
 from dist_gpt.checkpoint import find_resumable, list_checkpoints, verify_checkpoint
+from dist_gpt.rundir import is_locked
 
 KILL_SEED = 20240611  # fixes every "random" kill step, so a failure reproduces
 STEPS = 30
@@ -160,7 +161,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert got.keys() == want.keys()
     for key in want:
         assert torch.equal(got[key], want[key]), key
-    assert not (run_dir / ".lock").exists()  # a finished run releases its lock
+    assert not is_locked(run_dir)  # a finished run releases its lock
 
 
 def assert_clean_exit(out: subprocess.CompletedProcess) -> None:
@@ -215,7 +216,7 @@ def test_sigkill_at_random_steps_then_rerun_is_bit_identical(tmp_path, data_dir,
     out = run(cmd)
     assert_clean_exit(out)
     assert f"resuming from {newest}" in out.stderr
-    assert "removing a stale lock" in out.stderr  # the killed run's lock names a dead PID
+    assert "in use by a live run" not in out.stderr  # the killed run's lock died with it (a flock, never stale)
     assert_same_run(run_dir, reference)
 
 
@@ -244,6 +245,25 @@ def test_two_processes_sigterm_then_sigkill_then_rerun_is_bit_identical(tmp_path
     out = run(pretrain_cmd(run_dir, data_dir, 2))
     assert out.returncode == 0, out.stderr
     assert "resuming from" in out.stderr
+    assert_same_run(run_dir, reference2)
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, data_dir, reference2):
+    """SIGTERM to rank 1 alone (a node's own scheduler, an OOM killer's warning): the per-step all-reduce carries the
+    stop to rank 0, both save the same step and exit, and the rerun is bit-identical to the uninterrupted run."""
+    run_dir = tmp_path / "run"
+    first = Running(pretrain_cmd(run_dir, data_dir, 2), tmp_path)
+    first.wait_for_step(run_dir, random.Random(KILL_SEED + 5).randint(3, 9))
+    workers = [p for p in psutil.Process(first.proc.pid).children(recursive=True) if "pretrain.py" in " ".join(p.cmdline())]
+    rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
+    rank1.send_signal(signal.SIGTERM)
+    first.wait()
+    stopped_at = last_logged_step(run_dir)
+    assert f"stopped by a signal to another process at step {stopped_at}; checkpoint written" in first.stderr  # said by rank 0
+    assert find_resumable(run_dir / "checkpoints", pytest.fail) == run_dir / "checkpoints" / f"step_{stopped_at:06d}"
+    out = run(pretrain_cmd(run_dir, data_dir, 2))
+    assert out.returncode == 0, out.stderr
     assert_same_run(run_dir, reference2)
 
 
