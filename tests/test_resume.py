@@ -479,3 +479,40 @@ def test_no_pickle_loading_or_remote_code_in_the_source():
     assert len(sources) > 10
     hits = [f"{p.relative_to(REPO)}:{i}: {line.strip()}" for p in sources for i, line in enumerate(p.read_text().splitlines(), 1) if unsafe.search(line)]
     assert hits == []
+
+
+# ----------------------------------------------------------------------------- the manifest is checked, not trusted
+
+
+def _copy_checkpoint(reference: Path, tmp_path: Path) -> Path:
+    newest = list_checkpoints(reference / "checkpoints")[0]
+    return Path(shutil.copytree(newest, tmp_path / "checkpoints" / newest.name))
+
+
+def _manifest(ckpt: Path) -> dict:
+    return json.loads((ckpt / "MANIFEST.json").read_text())
+
+
+def test_manifest_must_list_every_file_and_only_files_inside(reference, tmp_path):
+    ckpt = _copy_checkpoint(reference, tmp_path)
+    assert verify_checkpoint(ckpt) is None
+    # the manifest forgets model.safetensors and other weights of the same size are swapped in: not resumable
+    m = _manifest(ckpt)
+    del m["files"]["model.safetensors"]
+    (ckpt / "MANIFEST.json").write_text(json.dumps(m))
+    assert "holds files its manifest does not list (model.safetensors)" in verify_checkpoint(ckpt)
+    # names outside the folder are never followed
+    m = _manifest(ckpt)
+    m["files"]["../../../etc/hostname"] = {"bytes": 1, "sha256": "0" * 64}
+    (ckpt / "MANIFEST.json").write_text(json.dumps(m))
+    assert "names a file outside the checkpoint" in verify_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("manifest", ["{not json", "[]", '{"files": []}', '{"files": {"model.safetensors": 3}}', '{"step": 1}', "\xff\xfe"])
+def test_a_malformed_manifest_skips_the_checkpoint_with_a_warning(reference, tmp_path, manifest):
+    ckpt = _copy_checkpoint(reference, tmp_path)
+    (ckpt / "MANIFEST.json").write_bytes(manifest.encode("latin-1"))
+    assert verify_checkpoint(ckpt).endswith("MANIFEST.json is corrupt")
+    warnings: list[str] = []
+    assert find_resumable(tmp_path / "checkpoints", warnings.append) is None
+    assert len(warnings) == 1 and "skipping checkpoint" in warnings[0] and (tmp_path / "checkpoints" / f"broken_{ckpt.name}").is_dir()
