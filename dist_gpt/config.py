@@ -72,7 +72,9 @@ class GPTConfig:
     bias: bool = opt(True, "biases in Linear and LayerNorm layers (GPT-2 has them)")
     mlp: bool = opt(True, "feed-forward (MLP) sublayer in each block")
     mlp_ratio: int = opt(4, "MLP hidden width as a multiple of n_embd")
-    activation: str = opt("gelu", "MLP non-linearity", ("gelu", "relu", "relu2"))
+    activation: str = opt(
+        "gelu", "MLP non-linearity: gelu (GPT-2's tanh approximation), gelu_exact (nanoGPT's), relu (the lecture's), relu2", ("gelu", "gelu_exact", "relu", "relu2")
+    )
     residual: bool = opt(True, "residual connections around attention and MLP")
     layernorm: bool = opt(True, "pre-LayerNorm before each sublayer and a final LayerNorm")
     tie_weights: bool = opt(True, "LM head shares its weight with the token embedding")

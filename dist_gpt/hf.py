@@ -40,8 +40,8 @@ from dist_gpt.rundir import is_run_dir, load_run
 from dist_gpt.tokenizers import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # stored [in, out] by transformers
-ACTIVATIONS = {"gelu": "gelu_new", "relu": "relu", "relu2": "relu2"}  # ours -> GPT-2's (our gelu is the tanh approximation)
-HF_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu", "relu2": "relu2"}  # GPT-2's -> ours
+ACTIVATIONS = {"gelu": "gelu_new", "gelu_exact": "gelu", "relu": "relu", "relu2": "relu2"}  # ours -> GPT-2's (our gelu is the tanh approximation)
+HF_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact", "relu": "relu", "relu2": "relu2"}  # GPT-2's -> ours
 LAYER_NORM_EPS = 1e-5  # torch's nn.LayerNorm default, which GPT uses; GPT-2's too
 PREFIX = "hf:"
 EXPORT_MARKER = ".dist_gpt_export"  # in every folder export_hf writes: only such a folder may be replaced (--overwrite)

@@ -146,7 +146,7 @@ class MLP(nn.Module):
         super().__init__()
         hidden = config.mlp_ratio * config.n_embd
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
-        self.act = {"gelu": nn.GELU(approximate="tanh"), "relu": nn.ReLU(), "relu2": _ReLUSquared()}[config.activation]
+        self.act = {"gelu": nn.GELU(approximate="tanh"), "gelu_exact": nn.GELU(), "relu": nn.ReLU(), "relu2": _ReLUSquared()}[config.activation]
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -449,8 +449,8 @@ def _check_config(c: GPTConfig) -> None:
             raise UserError(f"model.{key} must be >= 1, got {getattr(c, key)}")
     if c.n_embd % c.n_head:
         raise UserError(f"model.n_embd ({c.n_embd}) must be divisible by model.n_head ({c.n_head})")
-    if c.activation not in ("gelu", "relu", "relu2"):
-        raise UserError(f"model.activation must be gelu, relu or relu2, got {c.activation!r}")
+    if c.activation not in ("gelu", "gelu_exact", "relu", "relu2"):
+        raise UserError(f"model.activation must be gelu, gelu_exact, relu or relu2, got {c.activation!r}")
     if c.pos_emb not in ("learned", "rope") or c.attn_impl not in ("auto", "sdpa", "matmul"):
         raise UserError(f"model.pos_emb must be learned or rope and model.attn_impl auto, sdpa or matmul, got {c.pos_emb!r} and {c.attn_impl!r}")
     if c.pos_emb == "rope" and (c.n_embd // c.n_head) % 2:

@@ -95,6 +95,7 @@ def test_export_char_run_loads_in_transformers(tmp_path, text):
         dict(tie_weights=False, bias=False, activation="relu", mlp_ratio=2),  # untied head, zero biases
         dict(mlp=False),  # a zero MLP: exactly no MLP
         dict(activation="relu2"),  # transformers' ACT2FN has the squared ReLU too
+        dict(activation="gelu_exact", bias=False),  # nanoGPT's form (the lecture config): GPT-2's "gelu"
     ],
 )
 def test_export_bpe_variants(tmp_path, bpe, model):
@@ -204,10 +205,10 @@ def test_import_errors(tmp_path, bpe):
         load_hf_gpt2(f"hf:{tmp_path / 'llama'}")
 
     variant = GPT2Config(
-        vocab_size=bpe.vocab_size, n_positions=8, n_embd=8, n_layer=1, n_head=2, activation_function="gelu", scale_attn_by_inverse_layer_idx=True
+        vocab_size=bpe.vocab_size, n_positions=8, n_embd=8, n_layer=1, n_head=2, activation_function="gelu_fast", scale_attn_by_inverse_layer_idx=True
     )
     variant.save_pretrained(tmp_path / "variant")
-    with pytest.raises(UserError, match="activation_function='gelu'.*scale_attn_by_inverse_layer_idx"):
+    with pytest.raises(UserError, match="activation_function=.gelu_fast.*scale_attn_by_inverse_layer_idx"):
         load_hf_gpt2(f"hf:{tmp_path / 'variant'}")
 
     GPT2Config(vocab_size=bpe.vocab_size, n_positions=8, n_embd=8, n_layer=1, n_head=2).save_pretrained(tmp_path / "noweights")
