@@ -532,6 +532,23 @@ def validate_values(cfg: Config, origin: str = "config") -> None:
     _need(0 <= seed <= MAX_INT, f"run.seed must be in [0, 2**63 - 1], got {clip(seed)}")
 
 
+def check_model(m: GPTConfig, building: bool = False) -> None:
+    """The model section's rules, in one place: config validation calls it, and so does `GPT(config)` (building=True,
+    when vocab_size must be known), so a GPTConfig made in code is checked too."""
+    for f in dataclasses.fields(m):
+        choices = f.metadata.get("choices")
+        _need(not choices or getattr(m, f.name) in choices, f"model.{f.name} must be one of {', '.join(choices or ())}, got {clip(getattr(m, f.name))}")
+    low = 1 if building else 0
+    _need(m.vocab_size >= low, f"model.vocab_size must be >= {low}, got {m.vocab_size}" + (" (0 means: take it from the tokenizer, which has not happened)" if building else ""))
+    _need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    if m.kind == "bigram":
+        return
+    for key in ("block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
+        _need(getattr(m, key) >= 1, f"model.{key} must be >= 1, got {getattr(m, key)}")
+    _need(m.n_embd % m.n_head == 0, f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+    _need(m.pos_emb != "rope" or (m.n_embd // m.n_head) % 2 == 0, f"model.pos_emb=rope needs an even head size, got n_embd / n_head = {m.n_embd // m.n_head}")
+
+
 def validate(cfg: Config, stage: str) -> None:
     """Impossible values, each as one UserError naming the key and the fix."""
     d, m, t = cfg.data, cfg.model, cfg.train
@@ -543,13 +560,7 @@ def validate(cfg: Config, stage: str) -> None:
     need(d.num_proc >= 1, f"data.num_proc must be >= 1, got {d.num_proc}")
     need(d.tokenizer != "bpe" or d.vocab_size > 256, f"data.vocab_size must be > 256 for a byte-level BPE, got {d.vocab_size}")
     if stage != "finetune":  # a finetune's shape comes from its parent, which checks any override against it
-        for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
-            low = 0 if key == "vocab_size" else 1
-            need(getattr(m, key) >= low, f"model.{key} must be >= {low}, got {getattr(m, key)}")
-        need(m.n_embd % m.n_head == 0, f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
-        need(
-            m.pos_emb != "rope" or (m.n_embd // m.n_head) % 2 == 0, f"model.pos_emb=rope needs an even head size, got n_embd / n_head = {m.n_embd // m.n_head}"
-        )
+        check_model(m)
     need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     for key in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval", "checkpoint_interval", "keep_checkpoints"):
         need(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")

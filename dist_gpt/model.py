@@ -19,8 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dist_gpt.config import GPTConfig
-from dist_gpt.errors import UserError
+from dist_gpt.config import GPTConfig, check_model
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "CausalSelfAttention", "MLP", "Block", "IGNORE_INDEX", "sample_next"]
 
@@ -193,7 +192,7 @@ class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        _check_config(config)
+        check_model(config, building=True)
         self.config = config
         self.is_bigram = config.kind == "bigram"
         if self.is_bigram:
@@ -435,25 +434,3 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p:g}")
-
-
-def _check_config(c: GPTConfig) -> None:
-    if c.vocab_size <= 0:
-        raise UserError(f"model.vocab_size must be > 0 to build a model, got {c.vocab_size} (0 means: take it from the tokenizer, which has not happened)")
-    if c.kind not in ("gpt", "bigram"):
-        raise UserError(f"model.kind must be gpt or bigram, got {c.kind!r}")
-    if c.kind == "bigram":
-        return
-    for key in ("block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
-        if getattr(c, key) < 1:
-            raise UserError(f"model.{key} must be >= 1, got {getattr(c, key)}")
-    if c.n_embd % c.n_head:
-        raise UserError(f"model.n_embd ({c.n_embd}) must be divisible by model.n_head ({c.n_head})")
-    if c.activation not in ("gelu", "gelu_exact", "relu", "relu2"):
-        raise UserError(f"model.activation must be gelu, gelu_exact, relu or relu2, got {c.activation!r}")
-    if c.pos_emb not in ("learned", "rope") or c.attn_impl not in ("auto", "sdpa", "matmul"):
-        raise UserError(f"model.pos_emb must be learned or rope and model.attn_impl auto, sdpa or matmul, got {c.pos_emb!r} and {c.attn_impl!r}")
-    if c.pos_emb == "rope" and (c.n_embd // c.n_head) % 2:
-        raise UserError(f"model.pos_emb=rope needs an even head size, got n_embd / n_head = {c.n_embd // c.n_head}")
-    if not 0.0 <= c.dropout < 1.0:
-        raise UserError(f"model.dropout must be in [0, 1), got {c.dropout}")
