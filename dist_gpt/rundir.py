@@ -30,6 +30,8 @@ from dist_gpt.checkpoint import clean_partial_checkpoints, find_resumable, list_
 from dist_gpt.config import Config, read_saved_config, save_config
 from dist_gpt.errors import UserError
 from dist_gpt.io import FileLock, atomic_write_json, read_json
+from dist_gpt.model import GPT
+from dist_gpt.tokenizers import load_tokenizer
 from dist_gpt.tracking import log
 
 MARKER = ".dist_gpt_run"
@@ -89,9 +91,6 @@ class LoadedRun:
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     """A run directory's model (in eval mode, on `device`), tokenizer and config."""
-    from dist_gpt.model import GPT
-    from dist_gpt.tokenizers import load_tokenizer
-
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir} (pass the directory that pretrain/finetune printed)")
@@ -212,8 +211,6 @@ class RunDir:
         """A resumed run must see the tokenizer and the data it was trained with."""
         if self.resume_from is None:
             return
-        from dist_gpt.tokenizers import load_tokenizer
-
         mine = load_tokenizer(self.path / TOKENIZER)
         if mine.fingerprint() != tokenizer.fingerprint():
             raise UserError(
