@@ -200,15 +200,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_memory(n_params: int, cfg: Config, device: torch.device) -> None:
+def check_memory(cfg: Config, device: torch.device) -> None:
     """Refuse a model and micro-batch that cannot fit, before anything is allocated (one line instead of an OOM kill).
 
-    Estimate: weights, gradients and two AdamW moments in fp32 (16 bytes per parameter), plus the activations
-    autograd keeps, about B*T*(34*C + 5*H*T) bytes per layer in 16-bit (Korthikanti et al. 2022), doubled for fp32.
+    Estimate: weights, gradients and two AdamW moments in fp32 (16 bytes per parameter, counted on the meta device),
+    plus the activations autograd keeps, about B*T*(34*C + 5*H*T) bytes per layer in 16-bit (Korthikanti et al.
+    2022), doubled for fp32, plus the logits.
     """
     import psutil
 
+    from dist_gpt.model import GPT
+
     m, t = cfg.model, cfg.train
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in GPT(m).parameters())
     act_bytes = 2 if t.mixed_precision in ("bf16", "fp16") else 4
     activations = m.n_layer * t.batch_size * m.block_size * (34 * m.n_embd + 5 * m.n_head * m.block_size) * act_bytes // 2
     logits = t.batch_size * m.block_size * max(m.vocab_size, 1) * 4 * 2  # fp32 logits and their gradient

@@ -90,9 +90,9 @@ def train(
         resolve_vocab(cfg, tokenizer.vocab_size)
         resumed = read_train_state(run.resume_from) if run.resume_from else None
         resolve_batching(cfg, accelerator.num_processes, resumed.tokens_per_step if resumed else None)
+        check_memory(cfg, accelerator.device)
         job = make_job(cfg, tokenizer)
         job.data_fingerprint = fingerprint
-        check_memory(sum(p.numel() for p in job.model.parameters()), cfg, accelerator.device)
         return Trainer(job, accelerator, run).fit()
     finally:
         run.release()

@@ -302,6 +302,20 @@ ROWS = [
     ),
     # the run directory is owned: nothing a command does destroys a run (issue 15)
     Row(
+        "pretrain: a model far too large for this machine",
+        "pretrain.py",
+        [*PRETRAIN, "--model.n_embd=16384", "--model.n_head=16", "--model.n_layer=48"],
+        ("needs about", "GiB but this machine's free RAM (per process) has", "lower train.batch_size"),
+        check=nothing_saved,
+    ),
+    Row(
+        "pretrain: a micro-batch far too large for this machine",
+        "pretrain.py",
+        [*PRETRAIN, "--train.batch_size=200000", "--model.block_size=1024"],
+        ("needs about", "lower train.batch_size (raise train.grad_accum to keep the tokens per step)"),
+        check=nothing_saved,
+    ),
+    Row(
         "pretrain: finished run without checkpoints, rerun",
         "pretrain.py",
         PRETRAIN,
