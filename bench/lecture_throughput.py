@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from dist_gpt.config import GPTConfig, TrainConfig  # noqa: E402
 from dist_gpt.model import GPT  # noqa: E402
-from dist_gpt.trainer import make_optimizer  # noqa: E402
+from dist_gpt.optim import make_optimizer  # noqa: E402
 
 LECTURE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, vocab_size=65)
 CATEGORIES = {  # profiler op name fragments -> category, first match wins

@@ -38,7 +38,7 @@ done
 NANOGPT=$(realpath "${NANOGPT:-../shared/anchors/nanogpt}")
 SOURCE=$(realpath "${SOURCE:-../shared/data/tinyshakespeare/input.txt}")
 OUT=$(realpath -m "${OUT:-$(mktemp -d /tmp/nanogpt_side_by_side.XXXXXX)}")
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(getconf _NPROCESSORS_ONLN)}
 export WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_DATASETS_DISABLE_PROGRESS_BARS=1 PYTHONPATH=$PWD
 mkdir -p "$OUT"
 
