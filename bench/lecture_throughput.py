@@ -66,11 +66,8 @@ def build(nanogpt: tuple[type, type]) -> dict[str, tuple[nn.Module, torch.optim.
 
     def ours(exact_gelu: bool = False, bias: bool = True) -> tuple[nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(0)
-        model = GPT(GPTConfig(**LECTURE, bias=bias, attn_impl="sdpa"))
-        if exact_gelu:
-            for block in model.transformer.h:
-                block.mlp.act = nn.GELU()
-        return model, make_optimizer(model, TrainConfig(lr=1e-3, beta2=0.99, weight_decay=0.1), fused=False)
+        model = GPT(GPTConfig(**LECTURE, bias=bias, attn_impl="sdpa", activation="gelu_exact" if exact_gelu else "gelu"))
+        return model, make_optimizer(model, TrainConfig(lr=1e-3, beta2=0.99, weight_decay=0.1))
 
     def theirs(bias: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
         NanoGPT, NanoConfig = nanogpt
