@@ -278,7 +278,7 @@ class Trainer:
         loss /= self.world
         bad_grad = clip and self.acc.scaler is None and not math.isfinite(norm_sum)  # fp16's scaler skips such steps itself
         if not math.isfinite(loss) or bad_grad:
-            what = f"the gradient norm became {norm_sum / self.world}" if bad_grad else f"the loss became {loss}"
+            what = f"the loss became {loss}" if not math.isfinite(loss) else f"the gradient norm became {norm_sum / self.world}"
             if t.on_nan == "stop":
                 raise NonFiniteLoss(
                     f"{what} at step {s.step + 1}; stopping without saving. The last good checkpoint is untouched: "
