@@ -8,10 +8,10 @@
 log.profile_steps=A-B records steps A to B with torch.profiler (one warm-up step before A when there is one) and
 writes RUN_DIR/profile/steps_A-B_rank{R}.pt.trace.json (open it in https://ui.perfetto.dev, or point TensorBoard's
 profiler plugin at the folder), each step under the name "step N"; the main process prints the operators that took
-the most time. On CUDA the same
-window also records the allocator's history and writes memory_steps_A-B_rank{R}.pickle (https://pytorch.org/memory_viz).
-A step that runs out of memory becomes one UserError; on CUDA it first writes memory_oom_step{N}_rank{R}.pickle.
-Outside the window nothing is recorded: the step pays for one `with` and a comparison.
+the most time. On CUDA the same window also records the allocator's history and writes memory_steps_A-B_rank{R}.pickle
+(torch's snapshot format, for https://pytorch.org/memory_viz; dist_gpt only writes it). A step that runs out of memory
+becomes one UserError; on CUDA it first writes memory_oom_step{N}_rank{R}.pickle. Outside the window nothing is
+recorded: a step pays for one `with` and a comparison (about 5 microseconds).
 """
 
 from __future__ import annotations

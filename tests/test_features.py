@@ -51,6 +51,12 @@ def metrics(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
+def learning(run_dir: Path) -> dict[int, dict]:
+    """metrics.jsonl without the timings: what the run learned, step by step."""
+    keys = ("train_loss", "lr", "tokens", "val_loss", "eval_train_loss")
+    return {step: {k: r.get(k) for k in keys} for step, r in metrics(run_dir).items()}
+
+
 # ----------------------------------------------------------------------------- activation checkpointing
 
 
@@ -246,7 +252,7 @@ def test_extending_a_stable_wsd_checkpoint_equals_the_longer_run_from_the_start(
     planned = run_script("pretrain.py", *common, "--train.max_steps=24", f"--run.out_dir={tmp_path / 'planned'}")
     short = run_script("pretrain.py", *common, "--train.max_steps=12", f"--run.out_dir={tmp_path / 'short'}")
     assert planned.returncode == 0 and short.returncode == 0, planned.stderr + short.stderr
-    p, s = metrics(tmp_path / "planned"), metrics(tmp_path / "short")
+    p, s = learning(tmp_path / "planned"), learning(tmp_path / "short")
     assert all(s[k] == p[k] for k in range(1, 10))  # stable: identical, whatever the planned length
     assert s[12]["lr"] == pytest.approx(3e-4) and p[12]["lr"] == 3e-3  # the short run decayed at its end, the long one not yet
 
@@ -258,7 +264,7 @@ def test_extending_a_stable_wsd_checkpoint_equals_the_longer_run_from_the_start(
     extended = run_script("pretrain.py", *common, "--train.max_steps=24", f"--run.out_dir={branch}")
     assert extended.returncode == 0, extended.stderr
     assert "resuming from" in extended.stderr and "step_000008" in extended.stderr
-    e = metrics(branch)
+    e = learning(branch)
     assert min(e) == 9  # nothing retrained
     assert all(e[k] == p[k] for k in range(9, 25))
     a, b = load_file(branch / "model.safetensors"), load_file(tmp_path / "planned" / "model.safetensors")
@@ -560,18 +566,14 @@ def test_tracker_no_longer_overrides_wandb_dir(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_wandb_dir_through_the_launcher(tmp_path, shakespeare):
-    args = [
-        *SMOKE,
-        f"--data.source={shakespeare}",
-        f"--data.dir={tmp_path / 'data'}",
-        f"--run.out_dir={tmp_path / 'run'}",
-        "--log.wandb=true",
-        "--train.max_steps=3",
-    ]
-    out = run_script("pretrain.py", *args, env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb_home"), "WANDB_RUN_GROUP": "g1"})
+    args = [*SMOKE, f"--data.source={shakespeare}", f"--data.dir={tmp_path / 'data'}", f"--run.out_dir={tmp_path / 'run'}", "--log.wandb=true"]
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb_home"), "WANDB_RUN_GROUP": "grp-ablation-7f3", "WANDB_PROJECT": "proj-gpt2-9c1"}
+    out = run_script("pretrain.py", *args, "--train.max_steps=3", env=env)
     assert out.returncode == 0, out.stderr
-    assert len(list((tmp_path / "wandb_home" / "wandb").glob("offline-run-*"))) == 1
-    assert not (tmp_path / "run" / "wandb").exists()
+    runs = list((tmp_path / "wandb_home" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and not (tmp_path / "run" / "wandb").exists()
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()  # W&B's own record of the run: the group and project went in
+    assert b"grp-ablation-7f3" in record and b"proj-gpt2-9c1" in record
 
 
 # ----------------------------------------------------------------------------- the sweep example
