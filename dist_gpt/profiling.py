@@ -50,6 +50,8 @@ class Profiler:
             self.start_at = max(self.window[0] - 1, first_step)  # one warm-up step before the window when this process runs one
         if self.history_always:
             torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
+        elif cfg.memory_history and main:
+            log("warning: log.memory_history records the CUDA allocator's history; this run is not on a GPU, so it does nothing")
 
     @contextmanager
     def step(self, n: int) -> Iterator[None]:

@@ -315,6 +315,12 @@ def test_profile_window_writes_a_trace_of_those_steps_and_prints_the_top_operato
     assert sorted(os.listdir(tmp_path / "profile")) == [trace.name]  # no temporary file left
 
 
+def test_memory_history_on_a_cpu_says_it_does_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", lambda *a, **kw: pytest.fail("no CUDA here"))
+    profiler(tmp_path, history=True)
+    assert "log.memory_history records the CUDA allocator's history; this run is not on a GPU" in capsys.readouterr().err
+
+
 def test_profile_window_and_resume(tmp_path, capsys):
     after = profiler(tmp_path / "a", "3-4", first_step=9)  # resumed past the window
     assert after.window is None and "resumes at step 9, after those steps; nothing is profiled" in capsys.readouterr().err
