@@ -185,15 +185,21 @@ def test_a_failed_write_keeps_the_old_folder(name, code, tmp_path, good, capsys,
     assert_untouched(good)
 
 
-def test_disk_full_in_the_datasets_cache_with_a_real_write_limit(tmp_path, good, shakespeare):
-    """A real failed write(): a file size limit (EFBIG, as ENOSPC) hits the datasets cache while reading a big corpus."""
+@pytest.mark.parametrize("where", ["datasets-cache", "arrays"])
+def test_disk_full_with_a_real_write_limit(where, tmp_path, good, shakespeare):
+    """A real failed write(): a 200 kB file size limit (EFBIG, as ENOSPC) hits the datasets cache while reading all of
+    Tiny Shakespeare, or (120 kB of it, tokenized by 2 processes in small shards) the 216 kB train.bin."""
     limit = [
         sys.executable,
         "-c",
         "import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
         "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
     ]
-    result = prepare_cmd(tmp_path, f"--data.source={shakespeare}", f"--data.dir={good[0]}", launcher=limit)
+    source, extra = shakespeare, []
+    if where == "arrays":
+        source, extra = tmp_path / "part.txt", ["--data.num_proc=2"]
+        source.write_bytes(shakespeare.read_bytes()[:120_000])
+    result = prepare_cmd(tmp_path, f"--data.source={source}", f"--data.dir={good[0]}", *extra, launcher=limit)
     assert_one_error(result.returncode, result.stderr, "disk full while writing", str(good[0]))
     assert_untouched(good)
 
