@@ -198,3 +198,34 @@ def eval_batches(
     """The same n_batches random batches at every evaluation; batch b is evaluated by rank b % world_size."""
     sampler = _Sampler(split, block_size, seed, "random", stream=1)
     return (sampler.batch(b * batch_size + np.arange(batch_size)) for b in range(rank, n_batches, world_size))
+
+
+class DeviceBatches:
+    """The loader's batches one ahead, copied to the device without blocking (pinned memory on CUDA), so the next batch
+    is cut while the device still computes. Its state is that of the next batch to be used, so resume stays exact."""
+
+    def __init__(self, loader: BatchLoader, device: torch.device):
+        self.loader, self.device = loader, device
+        self.ahead: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.state_before_ahead = loader.state_dict()
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.ahead is None:
+            self.ahead = self._fetch()
+        batch, self.ahead = self.ahead, None
+        self.ahead = self._fetch()
+        return batch
+
+    def _fetch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.state_before_ahead = self.loader.state_dict()
+        x, y = self.loader.next_batch()
+        if self.device.type == "cuda":
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state_before_ahead if self.ahead is not None else self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+        self.ahead = None

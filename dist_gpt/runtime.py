@@ -10,6 +10,7 @@ Nothing here knows the model's internals; `model.py` knows nothing of what is he
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, broadcast_object_list
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 
 from dist_gpt import hardware
 from dist_gpt.config import Config, checkpoint_every
@@ -168,6 +169,21 @@ def on_main(accelerator: Accelerator, fn: Callable[[], Any]) -> Any:
     if error:
         raise UserError(error)
     return result
+
+
+def check_replicas_agree(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """With replicated weights (DDP), every rank must end with the same bytes: say so, or warn loudly."""
+    if accelerator.num_processes == 1:
+        return
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    digests = gather_object([h.hexdigest()])
+    if accelerator.is_main_process:
+        if len(set(digests)) == 1:
+            log(f"weights identical on all {accelerator.num_processes} ranks (sha256 {digests[0][:16]})")
+        else:
+            log(f"warning: the ranks ended with different weights ({', '.join(d[:16] for d in digests)}); please report this")
 
 
 def teardown(accelerator: Accelerator) -> None:

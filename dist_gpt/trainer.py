@@ -7,7 +7,6 @@ it. What a checkpoint holds is the `parts` dict: adding a piece of resumable sta
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import signal
@@ -19,16 +18,15 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 
-from dist_gpt.batches import BatchLoader, check_split_size, eval_batches, open_split
+from dist_gpt.batches import BatchLoader, DeviceBatches, check_split_size, eval_batches, open_split
 from dist_gpt.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState, TrainState
 from dist_gpt.config import Config
 from dist_gpt.errors import UserError
 from dist_gpt.optim import lr_factor, make_optimizer
 from dist_gpt.profiling import Profiler
 from dist_gpt.rundir import RunDir
-from dist_gpt.runtime import checkpoint_blocks, is_sharded, peak_flops, seed_everything, teardown
+from dist_gpt.runtime import check_replicas_agree, checkpoint_blocks, is_sharded, peak_flops, seed_everything, teardown
 from dist_gpt.tracking import Tracker, log
 
 EVAL_SHARE = 0.02  # with a time budget, one evaluation (both splits) may take at most this share of it
@@ -52,37 +50,6 @@ class Job:
 
 class NonFiniteLoss(UserError):
     pass
-
-
-class DeviceBatches:
-    """The loader's batches one ahead, copied to the device without blocking (pinned memory on CUDA), so the next batch
-    is cut while the device still computes. Its state is that of the next batch to be used, so resume stays exact."""
-
-    def __init__(self, loader: BatchLoader, device: torch.device):
-        self.loader, self.device = loader, device
-        self.ahead: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.state_before_ahead = loader.state_dict()
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.ahead is None:
-            self.ahead = self._fetch()
-        batch, self.ahead = self.ahead, None
-        self.ahead = self._fetch()
-        return batch
-
-    def _fetch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        self.state_before_ahead = self.loader.state_dict()
-        x, y = self.loader.next_batch()
-        if self.device.type == "cuda":
-            x, y = x.pin_memory(), y.pin_memory()
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.state_before_ahead if self.ahead is not None else self.loader.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state)
-        self.ahead = None
 
 
 class Trainer:
@@ -351,7 +318,8 @@ class Trainer:
         log_main(f"done: {s.step} steps, val loss {s.last_val_loss:.4f} (best {s.best_val_loss:.4f}), {s.elapsed_s:.1f} s; model in {self.run.path / 'model.safetensors'}")
         if self.acc.device.type == "cuda":
             log_main(f"peak GPU memory (process 0): {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved")
-        self._check_replicas_agree()
+        if not self.sharded:
+            check_replicas_agree(self.acc, self.raw_model)
         self.close()
         return s
 
@@ -383,20 +351,6 @@ class Trainer:
         """Leave the process group cleanly: drop the wrappers (DDP holds the group's buffers), then the group."""
         self.model = self.optimizer = self.parts = None
         teardown(self.acc)
-
-    def _check_replicas_agree(self) -> None:
-        """With replicated weights (DDP), every rank must end with the same bytes; say so, or warn loudly."""
-        if self.world == 1 or self.sharded:
-            return  # FSDP ranks hold different shards by design
-        h = hashlib.sha256()
-        for p in self.raw_model.parameters():
-            h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-        digests = gather_object([h.hexdigest()])
-        if self.acc.is_main_process:
-            if len(set(digests)) == 1:
-                log(f"weights identical on all {self.world} ranks (sha256 {digests[0][:16]})")
-            else:
-                log(f"warning: the ranks ended with different weights ({', '.join(d[:16] for d in digests)}); please report this")
 
     def _eval_and_log(self, tracker: Tracker, record: dict[str, Any]) -> None:
         losses = self.evaluate()
