@@ -331,8 +331,8 @@ def _scan_bytes(path: Path, errors: str, check_utf8: bool, log: Callable[[str], 
 
 
 def recipe_names() -> list[str]:
-    """The recipes there are: the plain names of the .py files in the repository's data/ folder."""
-    return sorted(p.stem for p in RECIPES.glob("*.py") if RECIPE_NAME.fullmatch(p.stem))
+    """The recipes there are: the plain names of the .py files in the repository's data/ folder that define records()."""
+    return sorted(p.stem for p in RECIPES.glob("*.py") if RECIPE_NAME.fullmatch(p.stem) and "\ndef records(" in p.read_text(encoding="utf-8"))
 
 
 def _recipe(name: str) -> tuple[Callable[[str], list[dict]], Path]:

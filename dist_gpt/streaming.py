@@ -72,11 +72,19 @@ from dist_gpt.shards import LAYOUT, ShardFile, is_url, join, manifest_shards, re
 from dist_gpt.tokenizers import CharTokenizer, Tokenizer, load_tokenizer, train_tokenizer
 
 if TYPE_CHECKING:
-    from dist_gpt.config import DataConfig
+    from dist_gpt.config import Config, DataConfig
 
 PARTS = ".shards"  # the plan, the fixed tokenizer and one record per unit
 TOKENIZER_SAMPLE = 64 << 20  # bytes of text a char / bpe tokenizer is trained on, taken evenly from the units
 SHARD_FILE = re.compile(r"(train|val)_\d{5}_\d{4}\.bin")
+
+
+def workers_from_launcher(cfg: Config) -> None:
+    """Under torchrun (or any launcher that sets RANK and WORLD_SIZE) each process of a sharded prepare is one worker,
+    unless the command names data.prepare_rank / data.prepare_world itself."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and cfg.data.shard_tokens > 0 and not {"data.prepare_rank", "data.prepare_world"} & cfg.explicit:
+        cfg.data.prepare_rank, cfg.data.prepare_world = int(os.environ.get("RANK", "0")), world
 
 
 def is_manifest(spec: str) -> bool:
@@ -545,34 +553,36 @@ def _read_record(data_dir: Path, plan: Plan, unit: Unit) -> dict | None:
 
 
 def _prepare_unit(unit: Unit, plan: Plan, cfg: DataConfig, data_dir: Path, pool: Any, log: Callable[[str], None]) -> None:
-    """Prepare one unit, continuing after its last complete shard; one worker at a time per unit."""
-    itemsize = np.dtype(plan.dtype).itemsize
-    with FileLock(data_dir / PARTS / f"unit_{unit.index:05d}.lock", f"prepare of {unit.describe()}", log=lambda _: None):
+    """Prepare one unit, continuing after its last complete shard; one worker at a time per unit (a lock file)."""
+    lock = FileLock(data_dir / PARTS / f"unit_{unit.index:05d}.lock", f"prepare of {unit.describe()}", log=lambda _: None).acquire()
+    try:
         record = _read_record(data_dir, plan, unit)
-        record = (
-            _resume_point(data_dir, record, itemsize)
-            if record
-            else {"fingerprint": plan.fingerprint, "unit": unit.index, "shards": [], "state": _fresh_state(), "done": False}
-        )
-        if record is None:
-            return  # complete
-        for stale in data_dir.glob(f".*_{unit.index:05d}_*.bin.tmp*"):
-            stale.unlink(missing_ok=True)  # a killed writer's temporary file
-        state = record["state"]
-        if record["shards"] or state["row"]:
-            log(f"{unit.describe()}: {len(record['shards'])} shard(s) already written; continuing at row {state['row']:,}")
-        writer = UnitWriter(data_dir, unit.index, record, cfg.shard_tokens, cfg.val_tokens, log)
-        resumed = state["counted"]
-        try:
-            pieces = _pieces(unit, cfg, state["row"])
-            for piece, ids in _encoded(pieces, plan.tokenizer, pool, cfg.num_proc, (cfg.unknown, plan.eot, plan.dtype)):
-                writer.add(piece, ids, count=not resumed)
-                resumed = False
-            writer.finish()
-        finally:
-            writer.abort()
-        n = sum(sh["tokens"] for sh in record["shards"])
-        log(f"{unit.describe()}: {n:,} tokens in {len(record['shards'])} shard(s)")
+        fresh = {"fingerprint": plan.fingerprint, "unit": unit.index, "shards": [], "state": _fresh_state(), "done": False}
+        record = _resume_point(data_dir, record, np.dtype(plan.dtype).itemsize) if record else fresh
+        if record is not None:
+            _write_unit(unit, record, plan, cfg, data_dir, pool, log)
+    finally:
+        lock.release(remove=True)
+
+
+def _write_unit(unit: Unit, record: dict, plan: Plan, cfg: DataConfig, data_dir: Path, pool: Any, log: Callable[[str], None]) -> None:
+    for stale in data_dir.glob(f".*_{unit.index:05d}_*.bin.tmp*"):
+        stale.unlink(missing_ok=True)  # a killed writer's temporary file
+    state = record["state"]
+    if record["shards"] or state["row"]:
+        log(f"{unit.describe()}: {len(record['shards'])} shard(s) already written; continuing at row {state['row']:,}")
+    writer = UnitWriter(data_dir, unit.index, record, cfg.shard_tokens, cfg.val_tokens, log)
+    resumed = state["counted"]  # the first piece is already in the counters
+    try:
+        pieces = _pieces(unit, cfg, state["row"])
+        for piece, ids in _encoded(pieces, plan.tokenizer, pool, cfg.num_proc, (cfg.unknown, plan.eot, plan.dtype)):
+            writer.add(piece, ids, count=not resumed)
+            resumed = False
+        writer.finish()
+    finally:
+        writer.abort()
+    n = sum(sh["tokens"] for sh in record["shards"])
+    log(f"{unit.describe()}: {n:,} tokens in {len(record['shards'])} shard(s)")
 
 
 def _pending_units(data_dir: Path, plan: Plan) -> list[int]:

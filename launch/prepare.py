@@ -4,11 +4,9 @@ or into token shards and a manifest (data.shard_tokens > 0), by one worker or se
 Pretrain and finetune do this themselves when the arrays are missing or stale; run it to prepare ahead.
 """
 
-import os
-
 from dist_gpt.cli import config_path, main, parse_stage_args
-from dist_gpt.config import Config
 from dist_gpt.stages import prepare_from_config
+from dist_gpt.streaming import workers_from_launcher
 
 USAGE = """
 usage: python launch/prepare.py [--config FILE] [--section.key=value ...]
@@ -26,13 +24,6 @@ WORLD_SIZE are taken as data.prepare_rank and data.prepare_world); the last to f
       --data.shard_tokens=100000000 --data.val_tokens=10485761 --data.num_proc=8 [--data.prepare_rank=R --data.prepare_world=W]
   torchrun --nproc_per_node 4 launch/prepare.py --config configs/gpt2_124m_fineweb.yaml
 """
-
-
-def workers_from_launcher(cfg: Config) -> None:
-    """Under torchrun (or any launcher setting RANK and WORLD_SIZE), each process is one prepare worker, unless the command says otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1 and cfg.data.shard_tokens > 0 and not {"data.prepare_rank", "data.prepare_world"} & cfg.explicit:
-        cfg.data.prepare_rank, cfg.data.prepare_world = int(os.environ.get("RANK", "0")), world
 
 
 def run(args: list[str]) -> None:
