@@ -99,8 +99,9 @@ def probe_compile(device: str, backend: str, limit: int) -> dict[str, Any]:
 def probe_load(run_dir: Path, device: str) -> dict[str, Any]:
     """Each weights file of the run (RUN_DIR/model.safetensors, the newest checkpoint's) loaded strictly into a plain GPT,
     then the user's path: load_run on `device` and one forward pass."""
-    from dist_gpt.checkpoint import load_run, load_weights
+    from dist_gpt.checkpoint import load_weights
     from dist_gpt.model import GPT
+    from dist_gpt.rundir import load_run
 
     run = load_run(run_dir, device=device)  # strict; a UserError (exit 2) says what does not match
     expected = set(GPT(run.config.model).state_dict())

@@ -23,6 +23,7 @@ import json
 import math
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dist_gpt.config import shorten
 from dist_gpt.errors import UserError
+from dist_gpt.hellaswag import HellaSwagResult, accuracy, find_data, format_result, predict, read_items
 from dist_gpt.model import IGNORE_INDEX
 
 DECODE_CHUNK = 1 << 20
@@ -178,11 +181,21 @@ def file_tokens(path: Path, tokenizer: Any, unknown: str) -> Tokens:
 # ----------------------------------------------------------------------------- the command
 
 
+MAX_BATCH = 4096  # windows (or HellaSwag endings) per forward pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dist_gpt.cli import ArgParser
 
-    p = ArgParser(prog="launch/evaluate.py", description=__doc__.split("\n\n")[0] + " Deterministic: every token of the split or file, once.")
+    p = ArgParser(
+        prog="launch/evaluate.py",
+        description=__doc__.split("\n\n")[0] + " Deterministic: every token of the split or file, once. "
+        "--task hellaswag scores HellaSwag-style multiple choice instead (dist_gpt/hellaswag.py).",
+    )
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory written by pretrain or finetune")
+    p.add_argument(
+        "--task", default="lm", choices=("lm", "hellaswag"), help="lm: loss and bits on a split or file (default); hellaswag: multiple-choice accuracy"
+    )
     p.add_argument("--split", default="val", choices=("val", "train"), help="prepared split to evaluate (default: val)")
     p.add_argument("--data.source", dest="source", default="", metavar="PATH", help="evaluate this text file instead, encoded with the run's tokenizer")
     p.add_argument("--data.dir", dest="data_dir", default="", metavar="DIR", help="prepared data folder (default: the run's data.dir, or data/<data.name>)")
@@ -193,10 +206,46 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("error", "drop", "replace"),
         help="characters outside a char vocabulary: error, drop, or replace (default: error)",
     )
-    p.add_argument("--batch_size", type=int, default=32, metavar="B", help="windows per forward pass (default: 32); changes speed, not the result")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument(
+        "--data",
+        dest="items",
+        default="",
+        metavar="FILE.jsonl",
+        help="--task hellaswag: the HellaSwag jsonl (default: data/hellaswag/hellaswag_val.jsonl, downloaded when online)",
+    )
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        default=32,
+        metavar="B",
+        help=f"windows (or endings) per forward pass, at most {MAX_BATCH} (default: 32); changes speed, not the result",
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
+
+
+def parse_args(args: list[str]) -> argparse.Namespace:
+    opts = build_parser().parse_args(args)
+    if not 1 <= opts.batch_size <= MAX_BATCH:
+        raise UserError(f"--batch_size must be in [1, {MAX_BATCH}], got {opts.batch_size}")
+    if opts.task == "hellaswag" and (opts.source or opts.data_dir):
+        raise UserError("--data.source and --data.dir are for --task lm; --task hellaswag reads --data FILE.jsonl")
+    if opts.task == "lm" and opts.items:
+        raise UserError("--data FILE.jsonl is the HellaSwag file: add --task hellaswag (for a text file use --data.source=PATH)")
+    return opts
+
+
+@contextmanager
+def out_of_memory_is_user_error(batch_size: int) -> Iterator[None]:
+    """A forward pass that does not fit becomes one line that says what to lower."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain RuntimeError
+        text = str(e)
+        if not isinstance(e, torch.OutOfMemoryError) and "memory" not in text.lower():
+            raise
+        raise UserError(f"out of memory at --batch_size {batch_size}: lower --batch_size ({shorten(text.splitlines()[0])})") from None
 
 
 def format_table(r: Result) -> str:
@@ -213,26 +262,44 @@ def format_table(r: Result) -> str:
     return "\n".join(f"{k:<11} {v}" for k, v in rows)
 
 
-def main(args: list[str]) -> Result:
+def main(args: list[str]) -> Result | HellaSwagResult:
     """The `launch/evaluate.py` command."""
     from dist_gpt.rundir import load_run
     from dist_gpt.sample import resolve_device
 
-    opts = build_parser().parse_args(args)
-    if opts.batch_size < 1:
-        raise UserError(f"--batch_size must be >= 1, got {opts.batch_size}")
-    run = load_run(opts.run, device=str(resolve_device(opts.device)))
+    opts = parse_args(args)
+    device = resolve_device(opts.device)
+    if opts.task == "hellaswag":
+        return hellaswag(opts, device)
+    run = load_run(opts.run, device=str(device))
     tok, T = run.tokenizer, run.config.model.block_size
     if opts.source:
-        data, what = file_tokens(Path(opts.source), tok, opts.unknown), f"{opts.source} ({tok.kind} tokenizer)"
+        data, what = file_tokens(Path(opts.source).expanduser(), tok, opts.unknown), f"{opts.source} ({tok.kind} tokenizer)"
     else:
-        data_dir = Path(opts.data_dir) if opts.data_dir else run.config.data_dir
+        data_dir = Path(opts.data_dir).expanduser() if opts.data_dir else run.config.data_dir
         if not (data_dir / "meta.json").is_file():
             raise UserError(f"the run's prepared data is not at {data_dir}: pass --data.dir=DIR (the prepared folder) or --data.source=PATH (a text file)")
         data = split_tokens(data_dir, opts.split, tok)
         what = f"{data_dir} ({opts.split} split{', SFT responses' if data.mask is not None else ''}, {tok.kind} tokenizer)"
-    nll, count, n_windows = evaluate(run.model, data, T, opts.batch_size)
+    with out_of_memory_is_user_error(opts.batch_size):
+        nll, count, n_windows = evaluate(run.model, data, T, opts.batch_size)
     chars, nbytes = scored_text_size(data, tok)
     result = summarize(str(run.run_dir), what, nll, count, n_windows, T, chars, nbytes)
     print(json.dumps(asdict(result)) if opts.json else format_table(result), file=sys.stdout, flush=True)
+    return result
+
+
+def hellaswag(opts: argparse.Namespace, device: torch.device) -> HellaSwagResult:
+    """--task hellaswag: accuracy of the run's model on the items of --data."""
+    from dist_gpt.rundir import load_run
+
+    path = find_data(opts.items, log=lambda m: print(m, file=sys.stderr))
+    items = read_items(path)  # a bad file fails before the model loads
+    run = load_run(opts.run, device=str(device))
+    model = run.model.eval()
+    with out_of_memory_is_user_error(opts.batch_size):
+        choices = predict(lambda x: model(x)[0], items, run.tokenizer, run.config.model.block_size, opts.batch_size, device, opts.unknown)
+    acc, acc_norm = accuracy(items, choices)
+    result = HellaSwagResult(run=str(run.run_dir), data=str(path), items=len(items), acc=acc, acc_norm=acc_norm)
+    print(json.dumps(asdict(result)) if opts.json else format_result(result), file=sys.stdout, flush=True)
     return result

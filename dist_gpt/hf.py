@@ -12,8 +12,12 @@ Our module names are GPT-2's; the differences are that transformers' Conv1D laye
 biases and an MLP. So `bias=False` exports zero biases and `mlp=False` a zero MLP (both exact), while
 `kind=bigram`, `layernorm=False`, `residual=False`, `pos_emb=rope` and `qk_norm`
 have no GPT-2 form (`zero_init_proj` and `attn_impl` change nothing in the exported function).
-Nothing here runs code from a model folder (no `trust_remote_code`), and weights are read from
-safetensors only.
+Nothing here runs code from a model folder (no `trust_remote_code`), and weights are read by
+safetensors itself, never unpickled: a folder whose weights are .bin/.pt/.pth/.ckpt/.pkl files is refused.
+
+An export goes into a folder of its own (never a run directory, the run, a folder above it or the
+repository), written beside it under a temporary name and then renamed into place; it holds the marker
+EXPORT_MARKER, and only a folder with that marker is replaced by `--overwrite`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,17 +33,20 @@ from typing import Any
 import torch
 
 from dist_gpt.checkpoint import save_weights
-from dist_gpt.config import GPTConfig
+from dist_gpt.config import GPTConfig, clip, shorten
 from dist_gpt.errors import UserError
-from dist_gpt.io import atomic_write_json, atomic_write_text, read_json
-from dist_gpt.rundir import load_run
+from dist_gpt.io import atomic_write_json, atomic_write_text, disk_error, read_json
+from dist_gpt.rundir import is_run_dir, load_run
 from dist_gpt.tokenizers import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # stored [in, out] by transformers
-ACTIVATIONS = {"gelu": "gelu_new", "relu": "relu", "relu2": "relu2"}  # ours -> GPT-2's (our gelu is the tanh approximation)
-HF_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu", "relu2": "relu2"}  # GPT-2's -> ours
+ACTIVATIONS = {"gelu": "gelu_new", "gelu_exact": "gelu", "relu": "relu", "relu2": "relu2"}  # ours -> GPT-2's (our gelu is the tanh approximation)
+HF_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact", "relu": "relu", "relu2": "relu2"}  # GPT-2's -> ours
 LAYER_NORM_EPS = 1e-5  # torch's nn.LayerNorm default, which GPT uses; GPT-2's too
 PREFIX = "hf:"
+EXPORT_MARKER = ".dist_gpt_export"  # in every folder export_hf writes: only such a folder may be replaced (--overwrite)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights dist_gpt refuses to load
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- config
@@ -183,17 +191,44 @@ def from_hf_tokenizer(hf_tok: Any) -> Tokenizer:
 # ----------------------------------------------------------------------------- export
 
 
-def export_hf(run_dir: str | Path, out_dir: str | Path, log: Callable[[str], None] = print) -> Path:
-    """Write RUN_DIR's model and tokenizer as a transformers GPT-2 folder; every file atomically.
+def export_hf(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Write RUN_DIR's model and tokenizer as a transformers GPT-2 folder, with a model card; all or nothing.
 
     out_dir gets config.json, generation_config.json, model.safetensors (float32, GPT-2 layout),
-    tokenizer.json and tokenizer_config.json.
+    tokenizer.json, tokenizer_config.json, README.md (the model card), loss.png (when the run has
+    metrics) and the marker EXPORT_MARKER. Everything is written into a temporary folder beside out_dir,
+    which then takes out_dir's place. See `check_out_dir` for where an export may go.
     """
-    from transformers import GenerationConfig
+    from dist_gpt.hub import write_model_card
 
     run = load_run(run_dir)
-    c, out = run.config.model, Path(out_dir)
-    hf_config = to_hf_config(c)
+    out = Path(os.path.abspath(Path(out_dir).expanduser()))  # absolute and normalised: '.' and '..' have no name to put a temp folder beside
+    replace = check_out_dir(out, run.run_dir, overwrite)
+    hf_config = to_hf_config(run.config.model)  # refuses what GPT-2 cannot express before anything is written
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise disk_error(out.parent, e) from None
+    tmp = out.with_name(f".{out.name}.export-tmp{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        n = write_export(run, hf_config, tmp)
+        write_model_card(run, tmp, n_params=sum(p.numel() for p in run.model.parameters()))
+        atomic_write_json(tmp / EXPORT_MARKER, {"format": "dist_gpt.export", "run": str(run.run_dir.resolve())})
+        swap_in(tmp, out, replace)
+    except OSError as e:
+        raise disk_error(out, e) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"exported {run.run_dir} ({n / 1e6:.2f}M parameters, tokenizer {run.tokenizer.kind}) to {out} as a transformers GPT-2 model, with a model card")
+    return out
+
+
+def write_export(run: Any, hf_config: Any, out: Path) -> int:
+    """The transformers files of a loaded run into `out`; returns the exported parameter count."""
+    from transformers import GenerationConfig
+
+    c = run.config.model
     hf_tok = to_hf_tokenizer(run.tokenizer)
     eos = "<|endoftext|>" if hf_tok.token_to_id("<|endoftext|>") is not None else None
     if eos:  # GPT-2's tokenizer: generation stops at end-of-text, as with OpenAI's GPT-2
@@ -207,9 +242,46 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, log: Callable[[str], Non
     if eos:
         tok_config.update(bos_token=eos, eos_token=eos)
     atomic_write_json(out / "tokenizer_config.json", tok_config)
-    n = sum(t.numel() for t in state.values())
-    log(f"exported {run.run_dir} ({n / 1e6:.2f}M parameters, tokenizer {run.tokenizer.kind}) to {out} as a transformers GPT-2 model")
-    return out
+    return sum(t.numel() for t in state.values())
+
+
+def check_out_dir(out: Path, run_dir: Path, overwrite: bool) -> bool:
+    """Refuse an --out that an export must never write: a file, a run directory, the run being exported or a
+    folder above it, the repository (or a folder above it), or a non-empty folder that no export wrote; an
+    earlier export only with `overwrite`. True when out exists and is to be replaced."""
+    where, target, run = clip(str(out)), out.resolve(), run_dir.resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {where} is a file; pass a folder for the export")
+    if target == run or target in run.parents:
+        raise UserError(f"--out {where} is the run being exported or a folder above it; export to a folder of its own, e.g. hf/{run.name}")
+    if is_run_dir(out):
+        raise UserError(f"--out {where} is a dist_gpt run directory; an export never writes into a run: choose another folder")
+    if target == REPO or target in REPO.parents:
+        raise UserError(f"--out {where} is the repository or a folder above it; export to a folder of its own, e.g. hf/{run.name}")
+    if not out.is_dir() or not any(out.iterdir()):
+        return out.is_dir()
+    if not (out / EXPORT_MARKER).is_file():
+        raise UserError(f"--out {where} already holds files that no export wrote (no {EXPORT_MARKER}); choose a new or empty folder")
+    if not overwrite:
+        raise UserError(f"--out {where} holds an earlier export; pass --overwrite to replace it, or choose another --out")
+    return True
+
+
+def swap_in(tmp: Path, out: Path, replace: bool) -> None:
+    """Move the finished export `tmp` to `out`; an existing `out` (empty, or an earlier export) is set aside first
+    and removed only once the new one is in place."""
+    if not replace:
+        os.replace(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.export-old{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        os.replace(old, out)  # put the earlier export back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- import
@@ -266,26 +338,63 @@ def load_hf_tokenizer(spec: str) -> Tokenizer:
     raise UserError(f"{path} has no tokenizer (tokenizer.json, or vocab.json + merges.txt): add the tokenizer files of the model")
 
 
+def _names(names: list[str]) -> str:
+    """File names for a message: the first three, each clipped."""
+    shown = ", ".join(shorten(n, 60) for n in names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files holding a model folder's weights (model.safetensors, or the shards its
+    model.safetensors.index.json names); a folder whose weights are pickle files is refused by name."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index, "weights index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"{index} has no weight_map: not a safetensors index")
+        names = sorted(set(map(str, weight_map.values())))
+        bad = [n for n in names if not n.endswith(".safetensors") or Path(n).name != n]
+        if bad:
+            raise UserError(f"{index} points to {_names(bad)}: dist_gpt reads weights from safetensors files in the folder only")
+        return [path / n for n in names]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES or p.name.endswith(tuple(f"{s}.index.json" for s in PICKLE_SUFFIXES)))
+    if pickled:
+        raise UserError(
+            f"{path} holds its weights as {_names(pickled)}: pickle files, which can run code when loaded, and dist_gpt never "
+            "unpickles; convert them to safetensors (transformers: from_pretrained then save_pretrained(DIR, safe_serialization=True)) where you trust them"
+        )
+    raise UserError(f"{path} has no .safetensors weights (model.safetensors or model.safetensors.index.json): not a model folder dist_gpt can load")
+
+
+def read_hf_state(path: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
+    """GPT2LMHeadModel's weights from the folder's safetensors files, named as `transformers` names them
+    (OpenAI's files lack the `transformer.` prefix; a tied head is not stored)."""
+    from dist_gpt.checkpoint import load_weights
+
+    state: dict[str, torch.Tensor] = {}
+    for f in weight_files(path):
+        state.update(load_weights(f, "model weights"))
+    state = {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v for k, v in state.items()}
+    if "lm_head.weight" not in state and config.tie_weights and "transformer.wte.weight" in state:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    return state
+
+
 def load_hf_gpt2(spec: str) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer]:
     """A Hugging Face GPT-2-architecture model as (GPTConfig, float32 state dict for `GPT`, dist_gpt tokenizer).
 
-    spec is `hf:PATH` (a local folder: config.json, *.safetensors, tokenizer files) or `hf:NAME` (a Hub
-    model, downloaded when online; offline it is a UserError). `GPT(config).load_state_dict(state)` is strict.
+    spec is `hf:PATH` (a local folder: config.json, safetensors weights, tokenizer files) or `hf:NAME` (a Hub
+    model, downloaded when online; offline it is a UserError). Only safetensors are read, by safetensors
+    itself: a folder of .bin/.pt/.pth/.ckpt/.pkl weights is refused. `GPT(config).load_state_dict(state)` is strict.
     """
-    from transformers import GPT2LMHeadModel
-
     path = resolve_hf(spec)
     config = from_hf_config(read_json(path / "config.json", "model config"), str(path))
     tokenizer = load_hf_tokenizer(str(path))
     if tokenizer.vocab_size > config.vocab_size:
         raise UserError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}")
-    if not any(path.glob("*.safetensors")):
-        raise UserError(f"{path} has no .safetensors weights (dist_gpt never unpickles .bin files): convert them with transformers' save_pretrained")
-    try:
-        hf_model = GPT2LMHeadModel.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"cannot load the weights in {path}: {str(e).splitlines()[0]}") from None
-    return config, from_hf_state(hf_model.state_dict(), config, str(path)), tokenizer
+    return config, from_hf_state(read_hf_state(path, config), config, str(path)), tokenizer
 
 
 # ----------------------------------------------------------------------------- the command
@@ -294,18 +403,22 @@ def load_hf_gpt2(spec: str) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokeniz
 def main(args: list[str]) -> Path:
     """The `launch/export_hf.py` command."""
     from dist_gpt.cli import ArgParser
+    from dist_gpt.hub import check_repo_id, push_to_hub
 
     p = ArgParser(
         prog="launch/export_hf.py",
         description="Write a run's model and tokenizer as a transformers GPT-2 folder (config.json, model.safetensors, "
-        "generation_config.json, tokenizer.json, tokenizer_config.json) that AutoModelForCausalLM and AutoTokenizer load.",
+        "generation_config.json, tokenizer.json, tokenizer_config.json) that AutoModelForCausalLM and AutoTokenizer load, "
+        "with a model card (README.md, loss.png); optionally upload it to the Hugging Face Hub.",
     )
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory written by pretrain or finetune")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder to write (created)")
-    p.add_argument("--overwrite", action="store_true", help="write into --out even when it already holds files")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write: new, empty, or an earlier export (never a run directory)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (a folder holding other files is never replaced)")
+    p.add_argument("--push_to_hub", default="", metavar="OWNER/NAME", help="then upload the folder to this Hub model repository (needs network and a token)")
     opts = p.parse_args(args)
-    out = Path(opts.out)
-    if out.is_dir() and any(out.iterdir()) and not opts.overwrite:
-        raise UserError(f"{out} already holds files; pass --overwrite to write the export into it, or choose another --out")
-    export_hf(opts.run, out)
+    if opts.push_to_hub:
+        check_repo_id(opts.push_to_hub)  # before the export, so a typo costs nothing
+    out = export_hf(opts.run, opts.out, overwrite=opts.overwrite)
+    if opts.push_to_hub:
+        push_to_hub(out, opts.push_to_hub)
     return out

@@ -140,6 +140,8 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise UserError(f"{what} not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{what} {path} is corrupt (not valid JSON: {e})") from None
+    except OSError as e:  # a directory in its place, no permission, an I/O error
+        raise UserError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
 def sha256_file(path: str | Path) -> str:

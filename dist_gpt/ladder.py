@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
+from dist_gpt.checkpoint import TrainState
 from dist_gpt.cli import config_path
-from dist_gpt.config import Config, GPTConfig, from_dict, load_config, parse_overrides
+from dist_gpt.config import Config, GPTConfig, load_config, parse_overrides
 from dist_gpt.errors import UserError
-from dist_gpt.io import atomic_write, atomic_write_text, read_json
+from dist_gpt.io import atomic_write, atomic_write_text
 from dist_gpt.model import GPT
+from dist_gpt.rundir import read_config, read_summary
 from dist_gpt.tracking import log
 
 PRETRAIN = Path(__file__).resolve().parents[1] / "launch" / "pretrain.py"
@@ -134,12 +135,8 @@ def rung_overrides(rung: Rung, a: LadderArgs) -> list[str]:
 
 def is_finished(run_dir: Path, cfg: Config) -> bool:
     """The run reached train.max_steps or spent train.time_budget_s (a summary is written at every checkpoint)."""
-    path = run_dir / "summary.json"
-    if not path.is_file():
-        return False
-    summary = read_json(path, "run summary")
-    t = cfg.train
-    return summary["steps"] >= t.max_steps or (t.time_budget_s > 0 and summary["wall_s"] >= t.time_budget_s)
+    summary = read_summary(run_dir)
+    return summary is not None and TrainState(step=summary["steps"], elapsed_s=summary["wall_s"]).finished(cfg.train)
 
 
 def train_rung(args: list[str]) -> int:
@@ -204,11 +201,13 @@ def count_params(m: GPTConfig) -> int:
 def read_result(rung: Rung, run_dir: Path) -> RungResult:
     """A rung's config.yaml, metrics.jsonl and samples.jsonl, reduced to what the report shows."""
     try:
-        cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        cfg = read_config(run_dir)
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     except FileNotFoundError as e:
         raise UserError(f"rung {rung.name} has not been trained: {e.filename} is missing") from None
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
+    except UserError as e:
+        raise UserError(f"rung {rung.name} has not been trained or its run is damaged: {e}") from None
+    except json.JSONDecodeError as e:
         raise UserError(f"rung {rung.name}: a file in {run_dir} is corrupt ({e}); delete that folder and rerun the ladder to train the rung again") from None
     evals = [r for r in rows if "val_loss" in r]
     if not evals:

@@ -19,8 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dist_gpt.config import GPTConfig
-from dist_gpt.errors import UserError
+from dist_gpt.config import GPTConfig, check_model
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "CausalSelfAttention", "MLP", "Block", "IGNORE_INDEX", "sample_next"]
 
@@ -68,7 +67,7 @@ class CausalSelfAttention(nn.Module):
 
     n_head=1 is the lecture's single head (head size n_embd). Options: `qk_norm` RMS-normalises each
     head's queries and keys, `pos_emb=rope` rotates them by position, `attn_impl=matmul` writes the
-    training attention as plain matmuls.
+    training attention as plain matmuls (`auto`, which the trainer resolves first, counts as sdpa here).
     """
 
     def __init__(self, config: GPTConfig):
@@ -146,7 +145,7 @@ class MLP(nn.Module):
         super().__init__()
         hidden = config.mlp_ratio * config.n_embd
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
-        self.act = {"gelu": nn.GELU(approximate="tanh"), "relu": nn.ReLU(), "relu2": _ReLUSquared()}[config.activation]
+        self.act = {"gelu": nn.GELU(approximate="tanh"), "gelu_exact": nn.GELU(), "relu": nn.ReLU(), "relu2": _ReLUSquared()}[config.activation]
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -193,7 +192,7 @@ class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        _check_config(config)
+        check_model(config, building=True)
         self.config = config
         self.is_bigram = config.kind == "bigram"
         if self.is_bigram:
@@ -427,31 +426,11 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not (temperature >= 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    """The one check of the sampling arguments (sample.py reports its ValueError as a user error)."""
+    min_temperature = 1e-6  # below this, logits / temperature overflows float32 for ordinary logits: NaN probabilities
+    if not (math.isfinite(temperature) and (temperature == 0 or temperature >= min_temperature)):
+        raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {min_temperature:g} (smaller ones overflow the logits), got {temperature:g}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-
-
-def _check_config(c: GPTConfig) -> None:
-    if c.vocab_size <= 0:
-        raise UserError(f"model.vocab_size must be > 0 to build a model, got {c.vocab_size} (0 means: take it from the tokenizer, which has not happened)")
-    if c.kind not in ("gpt", "bigram"):
-        raise UserError(f"model.kind must be gpt or bigram, got {c.kind!r}")
-    if c.kind == "bigram":
-        return
-    for key in ("block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
-        if getattr(c, key) < 1:
-            raise UserError(f"model.{key} must be >= 1, got {getattr(c, key)}")
-    if c.n_embd % c.n_head:
-        raise UserError(f"model.n_embd ({c.n_embd}) must be divisible by model.n_head ({c.n_head})")
-    if c.activation not in ("gelu", "relu", "relu2"):
-        raise UserError(f"model.activation must be gelu, relu or relu2, got {c.activation!r}")
-    if c.pos_emb not in ("learned", "rope") or c.attn_impl not in ("sdpa", "matmul"):
-        raise UserError(f"model.pos_emb must be learned or rope and model.attn_impl sdpa or matmul, got {c.pos_emb!r} and {c.attn_impl!r}")
-    if c.pos_emb == "rope" and (c.n_embd // c.n_head) % 2:
-        raise UserError(f"model.pos_emb=rope needs an even head size, got n_embd / n_head = {c.n_embd // c.n_head}")
-    if not 0.0 <= c.dropout < 1.0:
-        raise UserError(f"model.dropout must be in [0, 1), got {c.dropout}")
+        raise ValueError(f"top_p must be in (0, 1], got {top_p:g}")

@@ -11,7 +11,7 @@ optimizer (`state_dict`, `torch.distributed.checkpoint`'s get/set_optimizer_stat
 
     groups = [{"params": adam_decay, "weight_decay": 0.1}, {"params": adam_rest, "weight_decay": 0.0},
               {"params": matrices, "muon": True, "lr": 0.02}]
-    opt = MuonAdamW(groups, lr=1e-3, betas=(0.9, 0.99), momentum=0.95)
+    opt = MuonAdamW(groups, lr=1e-3, betas=(0.9, 0.99), momentum=0.95, ns_dtype=torch.float32)  # fp32 where bf16 is emulated
 
 torch >= 2.9 ships `torch.optim.Muon`, but for 2-D parameters only: a model needs a second optimizer
 beside it, which the trainer's checkpointing and LR schedule would have to handle twice.
@@ -33,13 +33,15 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 the singular values land near 1 (roughly 0.7-1.2), which is all Muon needs."""
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately U V^T for the SVD g = U S V^T of a matrix g (..., rows, cols), by Newton-Schulz in bf16.
+def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately U V^T for the SVD g = U S V^T of a matrix g (..., rows, cols), by Newton-Schulz in `dtype`.
 
-    A stack of matrices (n, rows, cols) is done in one batch of matmuls.
+    bf16 where bf16 matmuls are native (GPUs from Ampere on, CPUs with AVX512-BF16/AMX); fp32 where bf16 is
+    emulated, which makes it many times slower (dist_gpt/hardware.py decides). A stack of matrices
+    (n, rows, cols) is done in one batch of matmuls.
     """
     a, b, c = NS_COEFFICIENTS
-    x = g.bfloat16()
+    x = g.to(dtype)
     wide = x.size(-2) <= x.size(-1)
     if not wide:  # iterate on the smaller Gram matrix x x^T
         x = x.mT
@@ -55,7 +57,8 @@ class MuonAdamW(torch.optim.Optimizer):
 
     Muon: buf = momentum * buf + g; u = g + momentum * buf (Nesterov); p -= lr * sqrt(max(1, rows / cols)) * orthogonalize(u).
     No weight decay on Muon groups. AdamW: as torch.optim.AdamW (decoupled weight decay, bias correction).
-    The learning rates are per group, so an LR scheduler scales both kinds alike.
+    The learning rates are per group, so an LR scheduler scales both kinds alike. `ns_dtype` is the
+    Newton-Schulz dtype, a property of the machine rather than of the run: it is not in the state dict.
     """
 
     def __init__(
@@ -67,9 +70,11 @@ class MuonAdamW(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         momentum: float = 0.95,
         ns_steps: int = 5,
+        ns_dtype: torch.dtype = torch.bfloat16,
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps, muon=False)
         super().__init__(params, defaults)
+        self.ns_dtype = ns_dtype
         for group in self.param_groups:
             if group["muon"] and any(p.dim() != 2 for p in group["params"]):
                 raise ValueError("Muon param groups take 2-D weight matrices only")
@@ -101,7 +106,7 @@ class MuonAdamW(torch.optim.Optimizer):
             updates.append(p.grad.add(state["momentum_buffer"], alpha=mu))
         rows, cols = params[0].shape
         scale = max(1.0, rows / cols) ** 0.5  # tall matrices: the same RMS per output as square ones
-        for p, update in zip(params, orthogonalize(torch.stack(updates), group["ns_steps"]), strict=True):
+        for p, update in zip(params, orthogonalize(torch.stack(updates), group["ns_steps"], self.ns_dtype), strict=True):
             p.add_(update, alpha=-group["lr"] * scale)
 
     def _adamw(self, p: torch.Tensor, group: dict[str, Any]) -> None:
@@ -145,7 +150,7 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig, sharded: bool = False
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
     groups.append({"params": [p for p in params if id(p) in matrices], "muon": True, "lr": t.muon_lr, "weight_decay": 0.0})
-    return MuonAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), momentum=t.muon_momentum)
+    return MuonAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), momentum=t.muon_momentum, ns_dtype=ns_dtype)
 
 
 def lr_at(step: int, elapsed: float, t: TrainConfig) -> float:

@@ -8,10 +8,12 @@ markers). `--log` puts the loss axis on a log scale.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dist_gpt.config import clip
 from dist_gpt.errors import UserError
 
 
@@ -24,32 +26,54 @@ class Curves:
     val: list[tuple[int, int, float]] = field(default_factory=list)  # (step, tokens, val_loss)
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def read_metrics(run_dir: str | Path) -> Curves:
-    """The train and val losses of RUN_DIR/metrics.jsonl (a line cut short by a crash is skipped)."""
+    """The train and val losses of RUN_DIR/metrics.jsonl. A line that is not a JSON object with numbers (cut short
+    by a crash, or damaged) is skipped, as is a non-finite loss (a step skipped for a NaN)."""
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a run directory: pass run directories written by pretrain or finetune")
     if not path.is_file():
         raise UserError(f"{path} not found: pass a run directory written by pretrain or finetune")
     curves = Curves(run_dir.resolve().name)
-    for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    for line in text.splitlines():
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except ValueError:
             continue
-        step, tokens = row.get("step"), row.get("tokens")
-        if step is None or tokens is None:
+        if not isinstance(row, dict) or not (_number(row.get("step")) and _number(row.get("tokens"))):
             continue
-        if row.get("train_loss") is not None:  # None: a step skipped for a NaN loss
+        step, tokens = row["step"], row["tokens"]
+        if _number(row.get("train_loss")):
             curves.train.append((step, tokens, row["train_loss"]))
-        if row.get("val_loss") is not None:
+        if _number(row.get("val_loss")):
             curves.val.append((step, tokens, row["val_loss"]))
     if not curves.train and not curves.val:
         raise UserError(f"{path} holds no losses yet")
     return curves
 
 
+def check_out(out: str | Path) -> Path:
+    """--out: a .png file name (not a folder)."""
+    out = Path(out).expanduser()
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out must name a .png file, got {clip(str(out))}")
+    if out.is_dir():
+        raise UserError(f"--out {clip(str(out))} is a folder; name a .png file")
+    return out
+
+
 def plot_runs(runs: list[Curves], out: str | Path | None = None, log_y: bool = False) -> Any:
     """A matplotlib Figure with the two panels; written to `out` (PNG, atomically) when given."""
+    out = check_out(out) if out is not None else None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,9 +103,6 @@ def plot_runs(runs: list[Curves], out: str | Path | None = None, log_y: bool = F
     axes[1].set_title("loss vs tokens")
     axes[1].legend(fontsize="small")
     if out is not None:
-        out = Path(out)
-        if out.suffix.lower() != ".png":
-            raise UserError(f"--out must name a .png file, got {out}")
         atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     return fig
 
@@ -95,6 +116,7 @@ def main(args: list[str]) -> Path:
     p.add_argument("--out", default="loss.png", metavar="FILE.png", help="where to write the plot (default: loss.png)")
     p.add_argument("--log", action="store_true", help="log-scale loss axis")
     opts = p.parse_args(args)
+    check_out(opts.out)  # before reading anything
     plot_runs([read_metrics(r) for r in opts.runs], opts.out, opts.log)
     print(f"wrote {opts.out}")
     return Path(opts.out)

@@ -232,7 +232,7 @@ def resolve_source(cfg: DataConfig, data_dir: Path, log: Callable[[str], None] =
     if not spec:
         raise UserError("data.source is empty: pass --data.source=PATH (a text file, a directory, a glob, a .jsonl or .parquet file, or a URL)")
     if spec.startswith(("http://", "https://")):
-        path = _download(spec, cfg.sha256, data_dir / "download", log)
+        path = download(spec, cfg.sha256, data_dir / "download", log)
         return Source(_file_kind(path), [path])
     parts = [p.strip() for p in spec.split(",")] if "," in spec and not Path(spec).exists() else [spec]
     files: list[Path] = []
@@ -258,7 +258,7 @@ def resolve_source(cfg: DataConfig, data_dir: Path, log: Callable[[str], None] =
     return Source(kinds.pop(), files)
 
 
-def _download(url: str, sha256: str, cache: Path, log: Callable[[str], None]) -> Path:
+def download(url: str, sha256: str, cache: Path, log: Callable[[str], None]) -> Path:
     """`url` into `cache/` (once), checked against `sha256` when given."""
     dest = cache / (Path(urllib.parse.urlparse(url).path).name or "download")
     if dest.is_file() and (not sha256 or sha256_file(dest) == sha256):

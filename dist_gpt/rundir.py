@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dist_gpt.checkpoint import clean_partial_checkpoints, find_resumable, list_checkpoints, load_weights, read_train_state, save_weights
-from dist_gpt.config import Config, from_dict, save_config
+from dist_gpt.config import Config, read_saved_config, save_config
 from dist_gpt.errors import UserError
 from dist_gpt.io import FileLock, atomic_write_json, read_json
+from dist_gpt.model import GPT
+from dist_gpt.tokenizers import load_tokenizer
 from dist_gpt.tracking import log
 
 MARKER = ".dist_gpt_run"
@@ -75,16 +75,7 @@ def read_config(run_dir: str | Path) -> Config:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run directory: {CONFIG} is missing (pass the directory that pretrain/finetune printed)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise UserError(f"{path} is unreadable or corrupt ({str(e).splitlines()[0][:200]}); restore it from a backup") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is corrupt: it does not hold the config's sections")
-    try:
-        return from_dict(data)
-    except UserError as e:
-        raise UserError(f"{path} is corrupt or from another version: {e}") from None
+    return read_saved_config(path)
 
 
 # ----------------------------------------------------------------------------- loading a finished run
@@ -100,9 +91,6 @@ class LoadedRun:
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     """A run directory's model (in eval mode, on `device`), tokenizer and config."""
-    from dist_gpt.model import GPT
-    from dist_gpt.tokenizers import load_tokenizer
-
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir} (pass the directory that pretrain/finetune printed)")
@@ -113,7 +101,8 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise UserError(f"{run_dir / MODEL} does not match the model in {CONFIG}: {str(e).splitlines()[0][:200]}") from None
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])[:300]  # which keys are missing, unexpected or of another shape
+        raise UserError(f"{run_dir / MODEL} does not match the model in {CONFIG}: {detail}") from None
     return LoadedRun(model=model.to(device).eval(), tokenizer=tokenizer, config=cfg, run_dir=run_dir)
 
 
@@ -222,8 +211,6 @@ class RunDir:
         """A resumed run must see the tokenizer and the data it was trained with."""
         if self.resume_from is None:
             return
-        from dist_gpt.tokenizers import load_tokenizer
-
         mine = load_tokenizer(self.path / TOKENIZER)
         if mine.fingerprint() != tokenizer.fingerprint():
             raise UserError(

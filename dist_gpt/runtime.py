@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, broadcast_object_list
 
 from dist_gpt import hardware
@@ -77,14 +77,23 @@ def make_accelerator(cfg: Config) -> Accelerator:
     else:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (mixed_precision=no) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
-    main = int(os.environ.get("RANK", "0")) == 0
-    decisions = hardware.decide(cfg.model, cfg.train, torch.device("cuda" if cuda else "cpu"))
+    # The process group first (Accelerator() joins the same one), so the main process alone probes the hardware and
+    # every rank runs what it decided.
+    state = PartialState(cpu=not cuda)
+    decisions = None
+    if state.is_main_process:
+        decisions = hardware.decide(cfg.model, cfg.train, state.device)
+        for line in decisions.reasons:
+            log(line)
+        for line in decisions.warnings:
+            log(f"warning: {line}")
+    if state.num_processes > 1:
+        box = [decisions.to_dict() if decisions else None]
+        broadcast_object_list(box, from_process=0)
+        decisions = hardware.Decisions.from_dict(box[0])
     cfg.train.mixed_precision, cfg.model.attn_impl = decisions.precision, decisions.attn_impl
     compile_on = cfg.train.compile == "true" or (cfg.train.compile == "auto" and cuda)
     cfg.train.compile = "true" if compile_on else "false"
-    if main:
-        for line in decisions.reasons:
-            log(line)
     fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     kwargs: dict[str, Any] = {}
     if fsdp_requested and cuda:
@@ -191,15 +200,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_memory(n_params: int, cfg: Config, device: torch.device) -> None:
+def check_memory(cfg: Config, device: torch.device) -> None:
     """Refuse a model and micro-batch that cannot fit, before anything is allocated (one line instead of an OOM kill).
 
-    Estimate: weights, gradients and two AdamW moments in fp32 (16 bytes per parameter), plus the activations
-    autograd keeps, about B*T*(34*C + 5*H*T) bytes per layer in 16-bit (Korthikanti et al. 2022), doubled for fp32.
+    Estimate: weights, gradients and two AdamW moments in fp32 (16 bytes per parameter, counted on the meta device),
+    plus the activations autograd keeps, about B*T*(34*C + 5*H*T) bytes per layer in 16-bit (Korthikanti et al.
+    2022), doubled for fp32, plus the logits.
     """
     import psutil
 
+    from dist_gpt.model import GPT
+
     m, t = cfg.model, cfg.train
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in GPT(m).parameters())
     act_bytes = 2 if t.mixed_precision in ("bf16", "fp16") else 4
     activations = m.n_layer * t.batch_size * m.block_size * (34 * m.n_embd + 5 * m.n_head * m.block_size) * act_bytes // 2
     logits = t.batch_size * m.block_size * max(m.vocab_size, 1) * 4 * 2  # fp32 logits and their gradient

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 import torch
 
 from dist_gpt.cli import ArgParser
+from dist_gpt.config import clip
 from dist_gpt.errors import UserError
 
 SEPARATOR = "---------------"
@@ -33,45 +34,96 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgParser(prog="launch/sample.py", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory written by pretrain or finetune (holds model.safetensors, tokenizer.json, config.yaml)")
+    p.add_argument(
+        "--run", required=True, metavar="RUN_DIR", help="run directory written by pretrain or finetune (holds model.safetensors, tokenizer.json, config.yaml)"
+    )
     p.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue; every character must be known to the run's tokenizer")
-    p.add_argument("--max_new_tokens", type=int, default=500, metavar="N", help="tokens to generate per sample (default: 500)")
-    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="divide the logits by T before sampling; 0 is greedy (always the likeliest token) (default: 1.0)")
+    p.add_argument("--max_new_tokens", type=int, default=500, metavar="N", help="tokens to generate per sample, at most 1,000,000 (default: 500)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        metavar="T",
+        help="divide the logits by T before sampling; 0 is greedy (always the likeliest token), otherwise T >= 1e-6 (default: 1.0)",
+    )
     p.add_argument("--top_k", type=int, default=None, metavar="K", help="sample only among the K likeliest tokens (default: all)")
-    p.add_argument("--top_p", type=float, default=None, metavar="P", help="nucleus sampling: only the smallest set of likeliest tokens whose probability reaches P, 0 < P <= 1 (default: all)")
-    p.add_argument("--num_samples", type=int, default=1, metavar="N", help="independent samples, generated as one batch and separated by a line of dashes (default: 1)")
-    p.add_argument("--seed", type=int, default=1337, metavar="S", help="random seed; the same seed gives the same output (default: 1337)")
-    p.add_argument("--no_kv_cache", action="store_true", help="recompute the whole context at every step instead of using the KV cache (slower; for comparison)")
-    p.add_argument("--device", default="cpu", help="where to run: cpu, cuda, cuda:1, ... (default: cpu)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the SFT template (for runs fine-tuned with finetune.kind=sft) and stop at the end of the response")
+    p.add_argument(
+        "--top_p",
+        type=float,
+        default=None,
+        metavar="P",
+        help="nucleus sampling: only the smallest set of likeliest tokens whose probability reaches P, 0 < P <= 1 (default: all)",
+    )
+    p.add_argument(
+        "--num_samples",
+        type=int,
+        default=1,
+        metavar="N",
+        help="independent samples (at most 1024), generated as one batch and separated by a line of dashes (default: 1)",
+    )
+    p.add_argument("--seed", type=int, default=1337, metavar="S", help="random seed in [0, 2**63 - 1]; the same seed gives the same output (default: 1337)")
+    p.add_argument(
+        "--no_kv_cache", action="store_true", help="recompute the whole context at every step instead of using the KV cache (slower; for comparison)"
+    )
+    p.add_argument("--device", default="cpu", help="where to run: cpu, cuda, cuda:N or mps (default: cpu)")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap the prompt in the SFT template (for runs fine-tuned with finetune.kind=sft) and stop at the end of the response",
+    )
     return p
 
 
+MAX_NEW_TOKENS = 1_000_000  # per sample, one command
+MAX_SAMPLES = 1024  # generated as one batch
+MAX_SEED = 2**63 - 1
+
+
 def parse_args(args: list[str]) -> argparse.Namespace:
+    from dist_gpt.model import _check_sampling  # the model's own check of temperature, top_k and top_p
+
     opts = build_parser().parse_args(args)
-    if opts.max_new_tokens < 0:
-        raise UserError(f"--max_new_tokens must be >= 0, got {opts.max_new_tokens}")
-    if opts.num_samples < 1:
-        raise UserError(f"--num_samples must be >= 1, got {opts.num_samples}")
-    if not opts.temperature >= 0 or opts.temperature == float("inf"):
-        raise UserError(f"--temperature must be a finite number >= 0, got {opts.temperature}")
-    if opts.top_k is not None and opts.top_k < 1:
-        raise UserError(f"--top_k must be >= 1, got {opts.top_k}")
-    if opts.top_p is not None and not 0 < opts.top_p <= 1:
-        raise UserError(f"--top_p must be in (0, 1], got {opts.top_p}")
+    if not 0 <= opts.max_new_tokens <= MAX_NEW_TOKENS:
+        raise UserError(f"--max_new_tokens must be in [0, {MAX_NEW_TOKENS:,}], got {clip(opts.max_new_tokens)}")
+    if not 1 <= opts.num_samples <= MAX_SAMPLES:
+        raise UserError(f"--num_samples must be in [1, {MAX_SAMPLES}] (they are generated as one batch), got {clip(opts.num_samples)}")
+    if not 0 <= opts.seed <= MAX_SEED:
+        raise UserError(f"--seed must be in [0, 2**63 - 1], got {clip(opts.seed)}")
+    try:
+        _check_sampling(opts.temperature, opts.top_k, opts.top_p)
+    except ValueError as e:
+        raise UserError(f"--{e}") from None
     if not opts.prompt:
         raise UserError("--prompt is empty: give at least one character, e.g. --prompt $'\\n'")
     return opts
 
 
 def resolve_device(name: str) -> torch.device:
+    """--device as a torch.device this machine has: cpu, cuda, cuda:N, or mps (Apple GPUs); anything else is a UserError."""
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device name (try cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {clip(name)} is not a device name (try cpu or cuda)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {clip(name)}: no CUDA GPU is available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {clip(name)}: this machine has {torch.cuda.device_count()} CUDA GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"--device {clip(name)}: no Apple GPU (MPS) is available here; use --device cpu")
+    elif device.type != "cpu":
+        raise UserError(f"--device {clip(name)} is not supported: use cpu, cuda, cuda:N or mps")
     return device
+
+
+def check_finite(model: torch.nn.Module, run_dir: Any) -> None:
+    """NaN or inf weights give NaN probabilities: refuse them by name instead of failing in the sampler."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise UserError(
+            f"{run_dir}/model.safetensors holds NaN or inf weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}): the run diverged; sample an earlier checkpoint"
+        )
 
 
 def chat_prompt(prompt: str) -> tuple[str, str]:
@@ -85,7 +137,8 @@ def encode_prompt(tokenizer: Any, text: str, vocab_size: int) -> list[int]:
     """The prompt's token ids, or a UserError naming the characters the tokenizer cannot encode."""
     missing = getattr(tokenizer, "missing", None)  # the char tokenizer knows a fixed set of characters
     if missing is not None and missing(text):
-        shown = ", ".join(repr(c) for c in missing(text))
+        unknown = list(missing(text))
+        shown = ", ".join(repr(c) for c in unknown[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else "")
         raise UserError(f"the prompt has characters that the run's {tokenizer.kind} tokenizer does not know: {shown}; leave them out")
     ids = tokenizer.encode(text)
     if not ids:
@@ -140,15 +193,22 @@ def cut_at(text: str, stop: str | None) -> str:
     return text[: text.index(stop)] if stop and stop in text else text
 
 
-def generate_samples(model: Any, tokenizer: Any, prompt_text: str, ids: list[int], opts: argparse.Namespace, out: TextIO, err: TextIO, stop: str | None = None) -> int:
+def generate_samples(
+    model: Any, tokenizer: Any, prompt_text: str, ids: list[int], opts: argparse.Namespace, out: TextIO, err: TextIO, stop: str | None = None
+) -> int:
     """Print opts.num_samples continuations of prompt_text (token ids `ids`); returns the number of tokens generated."""
     device = next(model.parameters()).device
     if len(ids) > model.config.block_size:
-        print(f"warning: the prompt has {len(ids)} tokens, more than block_size {model.config.block_size}; the model sees the last {model.config.block_size}", file=err)
+        print(
+            f"warning: the prompt has {len(ids)} tokens, more than block_size {model.config.block_size}; the model sees the last {model.config.block_size}",
+            file=err,
+        )
     torch.manual_seed(opts.seed)
     generator = torch.Generator(device=device).manual_seed(opts.seed)
     idx = torch.tensor([ids] * opts.num_samples, dtype=torch.long, device=device)  # (N, T0)
-    stream = model.generate_stream(idx, opts.max_new_tokens, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, generator=generator, use_cache=not opts.no_kv_cache)
+    stream = model.generate_stream(
+        idx, opts.max_new_tokens, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, generator=generator, use_cache=not opts.no_kv_cache
+    )
 
     if opts.num_samples == 1:  # stream the one sample as it comes
         out.write(prompt_text)
@@ -181,12 +241,16 @@ def sample(args: list[str]) -> None:
     opts = parse_args(args)
     device = resolve_device(opts.device)
     run = load_run(opts.run, device=str(device))
+    check_finite(run.model, run.run_dir)
     prompt_text, stop = opts.prompt, None
     if opts.chat:
         prompt_text, stop = chat_prompt(opts.prompt)
     ids = encode_prompt(run.tokenizer, prompt_text, run.config.model.vocab_size)  # fails before anything is printed
     n_params = sum(p.numel() for p in run.model.parameters())
-    print(f"loaded run {run.run_dir} ({n_params / 1e6:.2f}M parameters, {run.config.model.kind}, tokenizer {getattr(run.tokenizer, 'kind', '?')}) on {device}", file=sys.stderr)
+    print(
+        f"loaded run {run.run_dir} ({n_params / 1e6:.2f}M parameters, {run.config.model.kind}, tokenizer {getattr(run.tokenizer, 'kind', '?')}) on {device}",
+        file=sys.stderr,
+    )
     start = time.perf_counter()
     try:
         n_tokens = generate_samples(run.model, run.tokenizer, prompt_text, ids, opts, sys.stdout, sys.stderr, stop)

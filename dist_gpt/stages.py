@@ -90,9 +90,9 @@ def train(
         resolve_vocab(cfg, tokenizer.vocab_size)
         resumed = read_train_state(run.resume_from) if run.resume_from else None
         resolve_batching(cfg, accelerator.num_processes, resumed.tokens_per_step if resumed else None)
+        check_memory(cfg, accelerator.device)
         job = make_job(cfg, tokenizer)
         job.data_fingerprint = fingerprint
-        check_memory(sum(p.numel() for p in job.model.parameters()), cfg, accelerator.device)
         return Trainer(job, accelerator, run).fit()
     finally:
         run.release()
@@ -226,8 +226,7 @@ def adopt_parent(cfg: Config, parent: Parent) -> None:
                 f"a finetune keeps the parent's shape; remove model.{key} from the config and the command line (only model.dropout may change)"
             )
     dropout = cfg.model.dropout if "model.dropout" in cfg.explicit else parent.config.dropout
-    attn_impl = cfg.model.attn_impl if "model.attn_impl" in cfg.explicit else parent.config.attn_impl
-    cfg.model = dataclasses.replace(parent.config, dropout=dropout, attn_impl=attn_impl)
+    cfg.model = dataclasses.replace(parent.config, dropout=dropout, attn_impl=cfg.model.attn_impl)  # the kernel: decided on this machine
     tok = parent.tokenizer
     if "data.tokenizer" in cfg.explicit and cfg.data.tokenizer != tok.kind:
         raise UserError(f"data.tokenizer={cfg.data.tokenizer} but the parent {cfg.finetune.init_from} uses the {tok.kind} tokenizer: a finetune encodes its data with the parent's tokenizer; remove data.tokenizer")

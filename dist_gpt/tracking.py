@@ -15,7 +15,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from dist_gpt.io import atomic_write_text
+from dist_gpt.io import atomic_write_text, disk_error
 
 
 def log(msg: str) -> None:
@@ -39,6 +39,16 @@ def wandb_mode_for(run_dir: Path) -> str:
     os.environ["WANDB_MODE"] = "offline"
     log(f"W&B: no credentials found, logging offline into {run_dir}/wandb (upload later with `wandb sync`; --log.wandb=false turns it off)")
     return "offline"
+
+
+def append_line(path: Path, line: str) -> None:
+    """One JSON line at the end of a log; a full disk (or any OS failure) is one UserError naming the file. A line cut
+    short by the failure is dropped when the run resumes (`_truncate_jsonl` stops at a torn line)."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise disk_error(path, e) from None
 
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
@@ -83,16 +93,14 @@ class Tracker:
     def metrics(self, record: dict[str, Any]) -> None:
         if not self.main:
             return
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.metrics_path, json.dumps(record))
         if self.use_wandb:
             self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def sample(self, step: int, prompt: str, text: str) -> None:
         if not self.main:
             return
-        with open(self.samples_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "prompt": prompt, "text": text}, ensure_ascii=False) + "\n")
+        append_line(self.samples_path, json.dumps({"step": step, "prompt": prompt, "text": text}, ensure_ascii=False))
         if self.use_wandb:
             import wandb
 

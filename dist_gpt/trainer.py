@@ -369,7 +369,7 @@ class Trainer:
         opt = self.optimizer.optimizer
         if isinstance(opt, torch.optim.AdamW):
             return "fused AdamW" if opt.defaults.get("fused") else "AdamW"
-        return f"Muon ({opt.defaults.get('ns_dtype', torch.bfloat16)} Newton-Schulz) + AdamW"
+        return f"Muon (Newton-Schulz in {str(opt.ns_dtype).removeprefix('torch.')}) + AdamW"
 
     def close(self) -> None:
         """Leave the process group cleanly: drop the wrappers (DDP holds the group's buffers), then the group."""

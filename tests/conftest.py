@@ -23,6 +23,9 @@ for key, value in {
     "WANDB_SILENT": "true",
     "OMP_NUM_THREADS": "1",
     "PYTHONUNBUFFERED": "1",
+    # the hardware decisions (precision, attention kernel) from the CPU's flags, not a timing: the same on every run
+    "DIST_GPT_PROBE": "0",
+    "XDG_CACHE_HOME": tempfile.mkdtemp(prefix="dist_gpt_cache_"),
 }.items():
     os.environ.setdefault(key, value)
 # The suite checks the CPU path: exact CPU numerics, thread counts, gloo groups, the FSDP fallback, the CPU default

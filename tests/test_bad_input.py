@@ -8,6 +8,7 @@ import fcntl
 import os
 import shutil
 import socket
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -301,6 +302,20 @@ ROWS = [
     ),
     # the run directory is owned: nothing a command does destroys a run (issue 15)
     Row(
+        "pretrain: a model far too large for this machine",
+        "pretrain.py",
+        [*PRETRAIN, "--model.n_embd=16384", "--model.n_head=16", "--model.n_layer=48"],
+        ("needs about", "GiB but this machine's free RAM (per process) has", "lower train.batch_size"),
+        check=nothing_saved,
+    ),
+    Row(
+        "pretrain: a micro-batch far too large for this machine",
+        "pretrain.py",
+        [*PRETRAIN, "--train.batch_size=200000", "--model.block_size=1024"],
+        ("needs about", "lower train.batch_size (raise train.grad_accum to keep the tokens per step)"),
+        check=nothing_saved,
+    ),
+    Row(
         "pretrain: finished run without checkpoints, rerun",
         "pretrain.py",
         PRETRAIN,
@@ -524,3 +539,32 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_every_full_disk_errno_reads_as_disk_full(code):
     message = str(disk_error(Path("/runs/x/model.safetensors"), OSError(code, os.strerror(code))))
     assert message == "disk full while writing /runs/x/model.safetensors: free space on that filesystem or point the output elsewhere"
+
+
+# A full disk while appending to metrics.jsonl (the log written at every log step): `open(..., "a")` of that file
+# fails with ENOSPC from the sixth line on, the rest of the run writes normally.
+FULL_METRICS = """
+import builtins, errno, os, sys
+from dist_gpt.cli import main
+from dist_gpt.stages import pretrain
+
+real_open, lines = builtins.open, [0]
+def full_open(file, mode="r", *args, **kwargs):
+    if str(file).endswith("metrics.jsonl") and "a" in mode:
+        lines[0] += 1
+        if lines[0] > 5:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+    return real_open(file, mode, *args, **kwargs)
+builtins.open = full_open
+main(pretrain, sys.argv[1:])
+"""
+
+
+def test_disk_full_while_appending_metrics_is_one_line_and_keeps_the_checkpoint(tmp_path, shakespeare):
+    args = [*SMOKE, f"--data.source={shakespeare}", f"--data.dir={tmp_path / 'data'}", f"--run.out_dir={tmp_path / 'run'}", "--train.checkpoint_interval=4"]
+    out = subprocess.run([sys.executable, "-c", FULL_METRICS, *args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == f"error: disk full while writing {tmp_path / 'run' / 'metrics.jsonl'}: free space on that filesystem or point the output elsewhere"
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_000004"]  # the last good checkpoint stays
+    again = run_script("pretrain.py", *args)  # space freed: the same command resumes from it and finishes
+    assert again.returncode == 0 and "step_000004" in again.stderr, again.stderr

@@ -64,7 +64,15 @@ def test_export_char_run_loads_in_transformers(tmp_path, text):
     out = tmp_path / "hf"
     result = run_script("export_hf.py", "--run", str(tmp_path / "run"), "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".dist_gpt_export",  # the marker: only such a folder may be replaced by --overwrite
+        "README.md",  # the model card (no loss.png: this run has no metrics.jsonl)
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     config = json.loads((out / "config.json").read_text())
     assert (config["n_positions"], config["n_inner"], config["activation_function"], config["tie_word_embeddings"]) == (32, 64, "gelu_new", True)
     assert config["bos_token_id"] is None and config["eos_token_id"] is None  # a char vocabulary has no end-of-text token
@@ -87,6 +95,7 @@ def test_export_char_run_loads_in_transformers(tmp_path, text):
         dict(tie_weights=False, bias=False, activation="relu", mlp_ratio=2),  # untied head, zero biases
         dict(mlp=False),  # a zero MLP: exactly no MLP
         dict(activation="relu2"),  # transformers' ACT2FN has the squared ReLU too
+        dict(activation="gelu_exact", bias=False),  # nanoGPT's form (the lecture config): GPT-2's "gelu"
     ],
 )
 def test_export_bpe_variants(tmp_path, bpe, model):
@@ -129,14 +138,18 @@ def test_export_refuses_what_gpt2_cannot_express(switch, named):
         to_hf_config(GPTConfig(vocab_size=65, **switch))
 
 
-def test_export_refuses_a_non_empty_out_dir(tmp_path, text):
+def test_export_never_writes_into_a_folder_it_did_not_create(tmp_path, text):
     make_run(tmp_path / "run", train_tokenizer("char", [text], 0))
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="--overwrite"):
-        main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "hf")])
-    main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--overwrite"])
-    assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "hf" / "notes.txt").read_text() == "mine"
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(UserError, match="already holds files that no export wrote"):
+            main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "hf"), *extra])
+    assert [p.name for p in (tmp_path / "hf").iterdir()] == ["notes.txt"] and (tmp_path / "hf" / "notes.txt").read_text() == "mine"
+    (tmp_path / "empty").mkdir()  # an empty folder is fine
+    main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "empty")])
+    assert (tmp_path / "empty" / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "hf", "run"]  # no temporary folder left beside it
 
 
 # ----------------------------------------------------------------------------- import
@@ -192,16 +205,52 @@ def test_import_errors(tmp_path, bpe):
         load_hf_gpt2(f"hf:{tmp_path / 'llama'}")
 
     variant = GPT2Config(
-        vocab_size=bpe.vocab_size, n_positions=8, n_embd=8, n_layer=1, n_head=2, activation_function="gelu", scale_attn_by_inverse_layer_idx=True
+        vocab_size=bpe.vocab_size, n_positions=8, n_embd=8, n_layer=1, n_head=2, activation_function="gelu_fast", scale_attn_by_inverse_layer_idx=True
     )
     variant.save_pretrained(tmp_path / "variant")
-    with pytest.raises(UserError, match="activation_function='gelu'.*scale_attn_by_inverse_layer_idx"):
+    with pytest.raises(UserError, match="activation_function=.gelu_fast.*scale_attn_by_inverse_layer_idx"):
         load_hf_gpt2(f"hf:{tmp_path / 'variant'}")
 
     GPT2Config(vocab_size=bpe.vocab_size, n_positions=8, n_embd=8, n_layer=1, n_head=2).save_pretrained(tmp_path / "noweights")
     PreTrainedTokenizerFast(tokenizer_object=bpe.to_hf()).save_pretrained(tmp_path / "noweights")
     with pytest.raises(UserError, match="no .safetensors weights"):
         load_hf_gpt2(f"hf:{tmp_path / 'noweights'}")
+
+
+@pytest.mark.parametrize("weights", ["pytorch_model.bin", "model.pt", "model.pth", "model.ckpt", "weights.pkl", "pytorch_model.bin.index.json"])
+def test_import_refuses_pickled_weights_by_name(tmp_path, bpe, weights):
+    """A folder whose weights are pickle files is refused before anything reads them (the file here would fail to unpickle)."""
+    folder = tmp_path / "pickled"
+    GPT2Config(vocab_size=bpe.vocab_size, n_positions=8, n_embd=8, n_layer=1, n_head=2).save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=bpe.to_hf()).save_pretrained(folder)
+    (folder / weights).write_bytes(b"not a pickle: loading it would raise")
+    with pytest.raises(UserError, match=f"holds its weights as {weights}: pickle files.*never unpickles"):
+        load_hf_gpt2(f"hf:{folder}")
+
+
+def test_import_refuses_an_index_pointing_to_pickles(tmp_path, bpe):
+    folder = tmp_path / "sharded"
+    GPT2Config(vocab_size=bpe.vocab_size, n_positions=8, n_embd=8, n_layer=1, n_head=2).save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=bpe.to_hf()).save_pretrained(folder)
+    index = {"metadata": {}, "weight_map": {"transformer.wte.weight": "model-00001.bin", "lm_head.weight": "model-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="points to model-00001.bin: dist_gpt reads weights from safetensors files"):
+        load_hf_gpt2(f"hf:{folder}")
+
+
+def test_import_reads_sharded_safetensors(tmp_path, bpe):
+    """save_pretrained's shards and index: the same weights as one file."""
+    torch.manual_seed(2)
+    config = GPT2Config(vocab_size=bpe.vocab_size, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=None, eos_token_id=None)
+    hf_model = GPT2LMHeadModel(config).eval()
+    hf_model.save_pretrained(tmp_path / "one")
+    hf_model.save_pretrained(tmp_path / "shards", max_shard_size="20KB")
+    for folder in ("one", "shards"):
+        PreTrainedTokenizerFast(tokenizer_object=bpe.to_hf()).save_pretrained(tmp_path / folder)
+    assert (tmp_path / "shards" / "model.safetensors.index.json").is_file() and not (tmp_path / "shards" / "model.safetensors").exists()
+    _, one, _ = load_hf_gpt2(f"hf:{tmp_path / 'one'}")
+    _, shards, _ = load_hf_gpt2(f"hf:{tmp_path / 'shards'}")
+    assert one.keys() == shards.keys() and all(torch.equal(one[k], shards[k]) for k in one)
 
 
 def test_finetune_from_a_local_hf_folder(tmp_path, bpe, shakespeare):

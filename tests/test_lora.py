@@ -136,4 +136,12 @@ def test_lora_under_two_process_ddp(parent, tmp_path, sonnets):
     out = run_script("finetune.py", *lora_args(parent, tmp_path, sonnets, "run"), launcher=launcher, env={"OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     assert "world size 2 (MULTI_CPU, DistributedDataParallel)" in out.stderr and "weights identical on all 2 ranks" in out.stderr
-    check_lora_run(parent, tmp_path / "run")
+    run_dir = tmp_path / "run"
+    check_lora_run(parent, run_dir)
+    # resumed under DDP from its step-3 checkpoint, it ends with the same bytes
+    first = {name: (run_dir / name).read_bytes() for name in ("model.safetensors", "adapter.safetensors")}
+    shutil.rmtree(list_checkpoints(run_dir / "checkpoints")[0])
+    launcher = [*ACCELERATE, "--main_process_port", str(free_port())]
+    again = run_script("finetune.py", *lora_args(parent, tmp_path, sonnets, "run"), launcher=launcher, env={"OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0 and "step_000003" in again.stderr, again.stderr
+    assert {name: (run_dir / name).read_bytes() for name in first} == first

@@ -221,6 +221,9 @@ def test_kv_cache_logits_equal_recompute_at_every_step(kind, prompt_len):
     with torch.no_grad():
         for step in range(30):  # slides the 8-token window several times
             torch.testing.assert_close(cached.logits, full.logits, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+            # and both against the plain forward pass over the current window (the bigram: its table row for the last token)
+            expected = model.bigram_table.weight[full.window[:, -1]] if kind == "bigram" else model(full.window)[0][:, -1]
+            torch.testing.assert_close(cached.logits, expected, rtol=1e-5, atol=1e-5, msg=f"step {step}")
             token = torch.randint(0, V, (3,))
             cached.push(token)
             full.push(token)

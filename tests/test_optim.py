@@ -56,6 +56,37 @@ def test_orthogonalize_gives_singular_values_near_one(shape):
     torch.testing.assert_close(batched, torch.stack([orthogonalize(m) for m in stack]), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(64, 32), (3, 48, 48)])
+def test_orthogonalize_in_fp32_agrees_with_bf16(shape):
+    """fp32 is what CPUs without bf16 instructions run (dist_gpt/hardware.py): the same map, a little more exact."""
+    torch.manual_seed(0)
+    g = torch.randn(shape)
+    fp32, bf16 = orthogonalize(g, dtype=torch.float32), orthogonalize(g, dtype=torch.bfloat16)
+    assert fp32.dtype == bf16.dtype == torch.float32
+    assert torch.equal(bf16, orthogonalize(g))  # bf16 stays the default (GPUs)
+    assert torch.nn.functional.cosine_similarity(fp32.flatten(), bf16.flatten(), dim=0) > 0.999
+    assert (fp32 - bf16).abs().max() < 0.05
+    s = torch.linalg.svdvals(fp32)
+    assert s.min() > 0.6 and s.max() < 1.25
+
+
+def test_muon_newton_schulz_dtype_is_a_constructor_choice_not_state():
+    torch.manual_seed(0)
+    w0 = torch.randn(12, 8)
+    grads = [torch.randn(12, 8) for _ in range(3)]
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.nn.Parameter(w0.clone())
+        opt = MuonAdamW([{"params": [w], "muon": True}], lr=0.05, ns_dtype=dtype)
+        for g in grads:
+            w.grad = g.clone()
+            opt.step()
+        results[dtype] = w.detach()
+        assert "ns_dtype" not in json.dumps(opt.state_dict()["param_groups"], default=str)  # a machine's choice, not the run's
+    torch.testing.assert_close(results[torch.float32], results[torch.bfloat16], rtol=0, atol=0.01)
+    assert not torch.equal(results[torch.float32], results[torch.bfloat16])
+
+
 class Regression(nn.Module):
     """A small MLP whose every parameter gets a well-conditioned gradient (unlike attention's key bias, whose is 0)."""
 

@@ -30,6 +30,7 @@ from conftest import REPO, SHAKESPEARE, run_script
 from safetensors.torch import load_file
 
 from dist_gpt.checkpoint import find_resumable, list_checkpoints, verify_checkpoint
+from dist_gpt.rundir import is_locked
 
 KILL_SEED = 20240611  # fixes every "random" kill step, so a failure reproduces
 STEPS = 30
@@ -160,7 +161,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert got.keys() == want.keys()
     for key in want:
         assert torch.equal(got[key], want[key]), key
-    assert not (run_dir / ".lock").exists()  # a finished run releases its lock
+    assert not is_locked(run_dir)  # a finished run releases its lock
 
 
 def assert_clean_exit(out: subprocess.CompletedProcess) -> None:
@@ -215,7 +216,7 @@ def test_sigkill_at_random_steps_then_rerun_is_bit_identical(tmp_path, data_dir,
     out = run(cmd)
     assert_clean_exit(out)
     assert f"resuming from {newest}" in out.stderr
-    assert "removing a stale lock" in out.stderr  # the killed run's lock names a dead PID
+    assert "in use by a live run" not in out.stderr  # the killed run's lock died with it (a flock, never stale)
     assert_same_run(run_dir, reference)
 
 
@@ -244,6 +245,25 @@ def test_two_processes_sigterm_then_sigkill_then_rerun_is_bit_identical(tmp_path
     out = run(pretrain_cmd(run_dir, data_dir, 2))
     assert out.returncode == 0, out.stderr
     assert "resuming from" in out.stderr
+    assert_same_run(run_dir, reference2)
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, data_dir, reference2):
+    """SIGTERM to rank 1 alone (a node's own scheduler, an OOM killer's warning): the per-step all-reduce carries the
+    stop to rank 0, both save the same step and exit, and the rerun is bit-identical to the uninterrupted run."""
+    run_dir = tmp_path / "run"
+    first = Running(pretrain_cmd(run_dir, data_dir, 2), tmp_path)
+    first.wait_for_step(run_dir, random.Random(KILL_SEED + 5).randint(3, 9))
+    workers = [p for p in psutil.Process(first.proc.pid).children(recursive=True) if "pretrain.py" in " ".join(p.cmdline())]
+    rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
+    rank1.send_signal(signal.SIGTERM)
+    first.wait()
+    stopped_at = last_logged_step(run_dir)
+    assert f"stopped by a signal to another process at step {stopped_at}; checkpoint written" in first.stderr  # said by rank 0
+    assert find_resumable(run_dir / "checkpoints", pytest.fail) == run_dir / "checkpoints" / f"step_{stopped_at:06d}"
+    out = run(pretrain_cmd(run_dir, data_dir, 2))
+    assert out.returncode == 0, out.stderr
     assert_same_run(run_dir, reference2)
 
 
@@ -459,3 +479,40 @@ def test_no_pickle_loading_or_remote_code_in_the_source():
     assert len(sources) > 10
     hits = [f"{p.relative_to(REPO)}:{i}: {line.strip()}" for p in sources for i, line in enumerate(p.read_text().splitlines(), 1) if unsafe.search(line)]
     assert hits == []
+
+
+# ----------------------------------------------------------------------------- the manifest is checked, not trusted
+
+
+def _copy_checkpoint(reference: Path, tmp_path: Path) -> Path:
+    newest = list_checkpoints(reference / "checkpoints")[0]
+    return Path(shutil.copytree(newest, tmp_path / "checkpoints" / newest.name))
+
+
+def _manifest(ckpt: Path) -> dict:
+    return json.loads((ckpt / "MANIFEST.json").read_text())
+
+
+def test_manifest_must_list_every_file_and_only_files_inside(reference, tmp_path):
+    ckpt = _copy_checkpoint(reference, tmp_path)
+    assert verify_checkpoint(ckpt) is None
+    # the manifest forgets model.safetensors and other weights of the same size are swapped in: not resumable
+    m = _manifest(ckpt)
+    del m["files"]["model.safetensors"]
+    (ckpt / "MANIFEST.json").write_text(json.dumps(m))
+    assert "holds files its manifest does not list (model.safetensors)" in verify_checkpoint(ckpt)
+    # names outside the folder are never followed
+    m = _manifest(ckpt)
+    m["files"]["../../../etc/hostname"] = {"bytes": 1, "sha256": "0" * 64}
+    (ckpt / "MANIFEST.json").write_text(json.dumps(m))
+    assert "names a file outside the checkpoint" in verify_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("manifest", ["{not json", "[]", '{"files": []}', '{"files": {"model.safetensors": 3}}', '{"step": 1}', "\xff\xfe"])
+def test_a_malformed_manifest_skips_the_checkpoint_with_a_warning(reference, tmp_path, manifest):
+    ckpt = _copy_checkpoint(reference, tmp_path)
+    (ckpt / "MANIFEST.json").write_bytes(manifest.encode("latin-1"))
+    assert verify_checkpoint(ckpt).endswith("MANIFEST.json is corrupt")
+    warnings: list[str] = []
+    assert find_resumable(tmp_path / "checkpoints", warnings.append) is None
+    assert len(warnings) == 1 and "skipping checkpoint" in warnings[0] and (tmp_path / "checkpoints" / f"broken_{ckpt.name}").is_dir()
