@@ -33,6 +33,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http.client import HTTPException
@@ -162,18 +163,18 @@ def _download(url: str, dest: Path, size: int, sha256: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def fetch(url: str, dest: Path, size: int, sha256: str, log: Callable[[str], None] = print) -> None:
-    """Download with retries (FETCH_TRIES, exponential backoff); a UserError naming the shard when it cannot be had."""
-    for attempt in range(FETCH_TRIES):
+def fetch(url: str, dest: Path, size: int, sha256: str, log: Callable[[str], None] = print, tries: int = FETCH_TRIES) -> None:
+    """Download with retries (`tries`, exponential backoff); a UserError naming the shard when it cannot be had."""
+    for attempt in range(tries):
         try:
             _download(url, dest, size, sha256)
             return
         except FetchError as e:
             if e.final:
                 raise UserError(f"shard {dest.name} is missing at {url} ({e}): the manifest lists a shard the server does not have; re-upload it") from None
-            if attempt == FETCH_TRIES - 1:
+            if attempt == tries - 1:
                 raise UserError(
-                    f"could not fetch shard {dest.name} from {url} after {FETCH_TRIES} tries (last: {e}); check the server, or re-upload a corrupt copy"
+                    f"could not fetch shard {dest.name} from {url} after {tries} tries (last: {e}); check the server, or re-upload a corrupt copy"
                 ) from None
             wait = FETCH_BACKOFF_S * 2**attempt
             log(f"warning: fetching {dest.name} from {url} failed ({e}); retrying in {wait:g} s")
@@ -312,8 +313,9 @@ class ShardStore:
 
     # --- fetching
 
-    def ensure(self, shard: Shard) -> None:
-        """Make `shard` local: nothing to do for a shard read in place or already here, else fetch it now."""
+    def ensure(self, shard: Shard, background: bool = False) -> None:
+        """Make `shard` local: nothing to do for a shard read in place or already here, else fetch it now.
+        In the background: one try, quietly (the reader retries, saying so, if it needs the shard before it is here)."""
         url = self.url(shard)
         path = self.path(shard)
         if url is None or (path.is_file() and path.stat().st_size == self.nbytes(shard)):
@@ -328,7 +330,7 @@ class ShardStore:
                     self._make_room(self.nbytes(shard), shard.name)
                     self._reserved[shard.name] = self.nbytes(shard)
                 try:
-                    fetch(url, path, self.nbytes(shard), shard.sha256, self.log)
+                    fetch(url, path, self.nbytes(shard), shard.sha256, (lambda _: None) if background else self.log, 1 if background else FETCH_TRIES)
                 finally:
                     with self._guard:
                         self._reserved.pop(shard.name, None)
@@ -376,16 +378,27 @@ class ShardStore:
                 self._queued.add(n)
                 self._queue.put(n)
         if self._thread is None:
-            self._thread = threading.Thread(target=self._prefetch, name="shard-prefetch", daemon=True)
+            self._thread = threading.Thread(target=_prefetch, args=(weakref.ref(self), self._queue), name="shard-prefetch", daemon=True)
             self._thread.start()
 
-    def _prefetch(self) -> None:
-        while True:
-            name = self._queue.get()
-            if name in self.wanted:
-                with contextlib.suppress(Exception):  # the reader meets any failure itself, when it needs the shard
-                    self.ensure(self.shards[name])
-            self._queued.discard(name)
+
+def _prefetch(store_ref: weakref.ref, names: queue.Queue) -> None:
+    """The background fetcher of a store: ends once the store is gone."""
+    while True:
+        try:
+            name = names.get(timeout=1.0)
+        except queue.Empty:
+            if store_ref() is None:
+                return
+            continue
+        store = store_ref()
+        if store is None:
+            return
+        if name in store.wanted:
+            with contextlib.suppress(Exception):  # the reader meets any failure itself, when it needs the shard
+                store.ensure(store.shards[name], background=True)
+        store._queued.discard(name)
+        del store
 
 
 # ----------------------------------------------------------------------------- a split
