@@ -9,7 +9,7 @@ builds shards of 100M tokens with the char tokenizer (a vocabulary sampled from 
 prepare does) or a BPE tokenizer trained once on Tiny Shakespeare and passed in, as a finetune would. Everything
 is deleted afterwards.
 
-Memory is the result that matters here: "peak private" is the largest sum of Pss_Anon over the prepare's process
+Memory is the result that matters here (a first row gives what the libraries alone take): "peak private" is the largest sum of Pss_Anon over the prepare's process
 tree (anonymous memory: what the processes own, pages shared by forked relatives counted once), sampled every
 50 ms; "peak RSS" is the largest ru_maxrss of any of its processes (it also counts page cache of the memory-mapped
 and written files that the kernel can drop). Seconds are wall time on this machine as it was: under load they are
@@ -49,8 +49,22 @@ _spec.loader.exec_module(bench_prepare)  # its process-tree memory sampling: tre
 # ----------------------------------------------------------------------------- the measured work (in a fresh process)
 
 
+def imports() -> None:
+    """What every prepare process holds before it reads a byte: the libraries (datasets imports torch when it streams)."""
+    import datasets  # noqa: F401
+    import torch  # noqa: F401
+
+    import dist_gpt.streaming  # noqa: F401
+
+
+def baseline() -> dict:
+    imports()
+    time.sleep(1.0)  # long enough for the memory sampler
+    return {"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def worker(job: dict) -> dict:
-    import datasets  # noqa: F401  (imported before the clock starts)
+    imports()  # before the clock starts
 
     from dist_gpt.config import DataConfig
     from dist_gpt.prepare import prepare
@@ -156,7 +170,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         job = json.loads(args.worker)
-        print(json.dumps(train_bpe(job["out"]) if job.get("method") == "train_bpe" else worker(job)))
+        method = {"train_bpe": lambda: train_bpe(job["out"]), "baseline": baseline}.get(job.get("method", ""), lambda: worker(job))
+        print(json.dumps(method()))
         return
 
     root = Path(tempfile.mkdtemp(prefix="dist_gpt_shards_bench_", dir=args.tmp))
@@ -175,6 +190,8 @@ def main() -> None:
         print(f"# streaming sharded prepare, {time.strftime('%Y-%m-%d')}; {cpu_model()}; Python {sys.version.split()[0]}\n", flush=True)
         print("| text GB | files | tokenizer | num_proc | shards | peak private MB | peak RSS MB | seconds | MB/s | load avg start / end | same count |")
         print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---|")
+        r = run_child({"method": "baseline"}, env)
+        print(f"| 0 | - | (the imports alone) | - | - | {r['private_mb']:.0f} | {r['rss_mb']:.0f} | - | - | - | - |", flush=True)
         for gb in args.gb or [1, 4]:
             corpus = root / f"corpus_{gb:g}"
             corpus.mkdir()

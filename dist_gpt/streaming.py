@@ -290,8 +290,8 @@ def _fresh_state() -> dict[str, Any]:
 class UnitWriter:
     """One unit's tokens -> its shards; after each shard, the unit's record (resume point) is rewritten atomically."""
 
-    def __init__(self, folder: Path, unit: int, record: dict, shard_tokens: int, val_tokens: int, log: Callable[[str], None]):
-        self.folder, self.unit, self.record, self.log = folder, unit, record, log
+    def __init__(self, folder: Path, unit: int, record: dict, shard_tokens: int, val_tokens: int):
+        self.folder, self.unit, self.record = folder, unit, record
         self.shard_tokens, self.val_tokens = shard_tokens, val_tokens if unit == 0 else 0
         self.state = json.loads(json.dumps(record["state"]))  # a copy
         self.file: ShardFile | None = None
@@ -571,7 +571,7 @@ def _write_unit(unit: Unit, record: dict, plan: Plan, cfg: DataConfig, data_dir:
     state = record["state"]
     if record["shards"] or state["row"]:
         log(f"{unit.describe()}: {len(record['shards'])} shard(s) already written; continuing at row {state['row']:,}")
-    writer = UnitWriter(data_dir, unit.index, record, cfg.shard_tokens, cfg.val_tokens, log)
+    writer = UnitWriter(data_dir, unit.index, record, cfg.shard_tokens, cfg.val_tokens)
     resumed = state["counted"]  # the first piece is already in the counters
     try:
         pieces = _pieces(unit, cfg, state["row"])

@@ -396,6 +396,21 @@ def test_a_file_url_copies_and_a_path_reads_in_place(data_dir, tmp_path):
         prepare(DataConfig(source=str(tmp_path / "other" / "meta.json")), data_dir=tmp_path / "bad", log=quiet)
 
 
+def test_a_manifest_may_give_each_shard_its_own_url(data_dir, tmp_path):
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    meta = meta_of(data_dir)
+    for split in ("train", "val"):
+        for s in meta["shards"][split]:
+            s["url"] = (data_dir / s["name"]).as_uri()
+    (listed / "meta.json").write_text(json.dumps(meta))
+    shutil.copy(data_dir / "tokenizer.json", listed)
+    local = tmp_path / "local"
+    prepare(DataConfig(source=str(listed / "meta.json")), data_dir=local, log=quiet, block_size=BLOCK)
+    assert np.array_equal(np.asarray(open_split(local, "val").tokens), np.asarray(open_split(data_dir, "val").tokens))
+    assert [p.name for p in local.glob("*.bin")] == ["val_00000_0000.bin"]  # fetched from its url into the data folder
+
+
 # ----------------------------------------------------------------------------- mistakes
 
 
