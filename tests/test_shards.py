@@ -32,6 +32,7 @@ from dist_gpt.errors import UserError
 from dist_gpt.io import sha256_file
 from dist_gpt.prepare import prepare
 from dist_gpt.shards import ShardedSplit
+from dist_gpt.streaming import workers_from_launcher
 from dist_gpt.tokenizers import GPT2_FILE_ENV, GPT2Tokenizer, load_tokenizer
 
 SHARD, VAL = 20_000, 20_000  # tokens per shard; the val split is the stream's first VAL tokens
@@ -427,6 +428,29 @@ def test_sharded_settings_that_cannot_work_are_one_error(corpus, tmp_path, keys,
     with pytest.raises(UserError, match=message):
         sharded(corpus["jsonl"] / "part3.jsonl", tmp_path / "d", **keys)
     assert not (tmp_path / "d" / "meta.json").exists()
+
+
+def test_workers_come_from_torchrun_unless_the_command_names_them(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    cfg = load_config(None, ["--data.shard_tokens=1000"], "prepare")
+    workers_from_launcher(cfg)
+    assert (cfg.data.prepare_rank, cfg.data.prepare_world) == (3, 4)
+    cfg = load_config(None, ["--data.shard_tokens=1000", "--data.prepare_world=2"], "prepare")
+    workers_from_launcher(cfg)
+    assert (cfg.data.prepare_rank, cfg.data.prepare_world) == (0, 2)
+
+
+def test_a_changed_input_file_rebuilds(corpus, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(corpus["jsonl"], src)
+    d = tmp_path / "d"
+    first = sharded(src / "*.jsonl", d)
+    with open(src / "part3.jsonl", "a") as f:
+        f.write(json.dumps({"text": "A new sonnet.\n"}) + "\n")
+    lines = log_of(lambda log: sharded(src / "*.jsonl", d, log=log))
+    assert any(line.startswith(f"prepared {d}") for line in lines)
+    assert meta_of(d)["tokens"]["train"] == first["tokens"]["train"] + len("A new sonnet.\n")
 
 
 def test_prepare_world_belongs_to_launch_prepare(tmp_path):
