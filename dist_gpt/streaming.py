@@ -430,7 +430,24 @@ def _train_sampled(cfg: DataConfig, units: list[Unit], log: Callable[[str], None
                     break
 
     log(f"training the {cfg.tokenizer} tokenizer on up to {TOKENIZER_SAMPLE >> 20} MB of text from {len(units)} input file(s)")
-    return train_tokenizer(cfg.tokenizer, texts(), cfg.vocab_size)
+    seen = [0]
+
+    def counted() -> Iterator[str]:
+        for text in texts():
+            seen[0] += len(text)
+            yield text
+
+    try:
+        return train_tokenizer(cfg.tokenizer, counted(), cfg.vocab_size)
+    except UserError:
+        if seen[0]:
+            raise
+        raise _no_text(cfg, units[0].source) from None
+
+
+def _no_text(cfg: DataConfig, source: Source) -> UserError:
+    field = f"no record has a {cfg.text_field!r} field with text (set data.text_field)" if source.kind != "text" else "the files are empty"
+    return UserError(f"the corpus is empty: {source.describe()}: {field}")
 
 
 def _make_plan(cfg: DataConfig, data_dir: Path, tokenizer: Tokenizer | None, log: Callable[[str], None]) -> tuple[Plan, dict | None]:
@@ -609,6 +626,8 @@ def _write_manifest(cfg: DataConfig, data_dir: Path, plan: Plan, t0: float, log:
         totals["missing"] += st["missing"]
         totals["empty"] += st["empty"]
     tokens = {s: sum(sh["tokens"] for sh in shards[s]) for s in SPLITS}
+    if totals["docs"]["train"] + totals["docs"]["val"] == 0:
+        raise _no_text(cfg, plan.units[0].source)
     if tokens["train"] == 0:
         raise UserError(f"the corpus is empty: {plan.units[0].source.describe()} holds no tokens once encoded (after the val split's data.val_tokens)")
     if totals["missing"]:

@@ -430,6 +430,19 @@ def test_sharded_settings_that_cannot_work_are_one_error(corpus, tmp_path, keys,
     assert not (tmp_path / "d" / "meta.json").exists()
 
 
+@pytest.mark.parametrize(
+    ("records", "message"),
+    [
+        ([{"body": "no text field"}], r"the corpus is empty: .*bad\.jsonl: no record has a 'text' field with text \(set data\.text_field\)"),
+        ([{"text": "fine"}, {"text": 5}], r"bad\.jsonl: field 'text' holds int values, not text"),
+    ],
+)
+def test_records_without_text_are_one_error(tmp_path, records, message):
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(UserError, match=message):
+        sharded(tmp_path / "bad.jsonl", tmp_path / "d", val_tokens=1, shard_tokens=100)
+
+
 def test_workers_come_from_torchrun_unless_the_command_names_them(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")
