@@ -444,7 +444,8 @@ class ShardTokens:
                 s += 1
             return np.concatenate(parts) if parts else np.zeros(0, self.dtype)
         if isinstance(key, (int, np.integer)):
-            return self._gather(np.array([int(key) % len(self)]))[0]
+            k = int(key) + (len(self) if key < 0 else 0)
+            return self._gather(np.array([k]))[0]
         return self._gather(np.asarray(key, dtype=np.int64))
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:

@@ -293,6 +293,19 @@ def test_sequential_mode_and_evaluation_read_in_order(data_dir, train):
     assert torch.equal(ranks[0][1][0], batches[2][0]) and torch.equal(ranks[1][0][0], batches[1][0])
 
 
+def test_the_split_reads_as_one_token_sequence(data_dir, train):
+    """What the evaluator reads: the shards as one sequence, sliced and indexed across shard boundaries."""
+    whole = np.concatenate([np.fromfile(data_dir / s.name, dtype=np.uint16) for s in train.shards])
+    tokens = train.tokens
+    assert len(tokens) == len(whole) == len(train)
+    edge = int(train.starts[3])
+    assert np.array_equal(tokens[edge - 5 : edge + 5], whole[edge - 5 : edge + 5]) and tokens[-1] == whole[-1]
+    idx = np.array([[0, edge - 1], [edge, len(whole) - 1]])
+    assert np.array_equal(tokens[idx], whole[idx])
+    with pytest.raises(IndexError):
+        tokens[len(whole)]
+
+
 def test_a_shard_shorter_than_a_window_is_one_error(corpus, tmp_path):
     with pytest.raises(UserError, match=r"data\.shard_tokens=20 is smaller than block_size \+ 1 = 33"):
         sharded(corpus["jsonl"] / "*.jsonl", tmp_path / "d", shard_tokens=20)
