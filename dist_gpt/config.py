@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -110,7 +111,13 @@ class TrainConfig:
     lr: float = opt(1e-3, "peak learning rate")
     min_lr: float = opt(1e-4, "learning rate at the end of the decay")
     warmup_steps: int = opt(100, "linear warmup steps")
-    lr_decay: str = opt("cosine", "shape of the decay after warmup", ("cosine", "linear", "constant"))
+    lr_decay: str = opt(
+        "cosine",
+        "shape of the decay after warmup; wsd (warmup-stable-decay): train.lr until the last train.decay_fraction of the run, then down to min_lr",
+        ("cosine", "linear", "constant", "wsd"),
+    )
+    decay_fraction: float = opt(0.2, "lr_decay=wsd: share of the run at its end (of train.max_steps, or of the time budget) spent decaying to min_lr")
+    decay_shape: str = opt("1-sqrt", "lr_decay=wsd: linear, or 1-sqrt (the drop grows with the square root of the decay's progress)", ("linear", "1-sqrt"))
     weight_decay: float = opt(0.1, "AdamW weight decay, applied to 2-D weights only")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.99, "AdamW beta2")
@@ -136,6 +143,11 @@ class TrainConfig:
         "CPU threads per process; 0: OMP_NUM_THREADS if set (except the 1 that accelerate launch sets by default), else the cores divided among this machine's processes",
     )
     compile: str = opt("auto", "torch.compile the model; auto: on for CUDA, off on CPU", ("auto", "true", "false"))
+    activation_checkpointing: str = opt(
+        "none",
+        "recompute Blocks' activations in the backward pass instead of keeping them: none; full: every Block; every_N: Blocks 0, N, 2N, ... "
+        "(less memory for about one more forward pass of those Blocks per step)",
+    )
     on_nan: str = opt("stop", "a NaN/inf loss: stop the run, or skip that optimizer step", ("stop", "skip"))
     sample_prompt: str = opt("\n", "prompt of the sample generated at each evaluation")
     sample_tokens: int = opt(200, "tokens generated at each evaluation; 0 disables")
@@ -147,6 +159,10 @@ class LogConfig:
     project: str = opt("dist_gpt", "W&B project")
     run_name: str = opt("", "W&B run name; empty means the run directory's name")
     progress: bool = opt(True, "show a progress bar on the main process")
+    profile_steps: str = opt(
+        "", "A-B: write a torch profiler trace of optimizer steps A to B into RUN_DIR/profile/ and print the top operators (on CUDA, a memory snapshot too)"
+    )
+    memory_history: bool = opt(False, "CUDA: record every allocation's stack from the start, for the memory snapshot written when a step runs out of memory")
 
 
 @dataclass
@@ -594,6 +610,18 @@ def validate(cfg: Config, stage: str) -> None:
     need(t.muon_lr > 0, f"train.muon_lr must be a finite number > 0, got {t.muon_lr}")
     need(0 <= t.muon_momentum < 1, f"train.muon_momentum must be in [0, 1), got {t.muon_momentum}")
     need(t.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {t.sample_tokens}")
+    need(0 < t.decay_fraction <= 1, f"train.decay_fraction must be in (0, 1], got {t.decay_fraction}")
+    need(
+        t.lr_decay != "wsd" or t.warmup_steps <= t.max_steps - decay_steps(t),
+        f"train.warmup_steps={t.warmup_steps} runs into the decay, which takes the last {decay_steps(t)} of train.max_steps={t.max_steps} "
+        "(train.decay_fraction): lower one of them",
+    )
+    checkpoint_every(t.activation_checkpointing)
+    profiled = step_range(cfg.log.profile_steps)
+    need(
+        not profiled or t.time_budget_s > 0 or profiled[1] <= t.max_steps,
+        f"log.profile_steps={cfg.log.profile_steps} ends after train.max_steps={t.max_steps}: profile steps the run takes",
+    )
     f = cfg.finetune
     need(f.freeze >= 0, f"finetune.freeze must be >= 0, got {f.freeze}")
     need(f.lora_rank >= 0, f"finetune.lora_rank must be >= 0, got {f.lora_rank}")
@@ -602,6 +630,29 @@ def validate(cfg: Config, stage: str) -> None:
     if stage == "finetune":
         need(bool(f.init_from), "finetune.init_from is required: --finetune.init_from=RUN_DIR (a pretrain run directory) or hf:PATH")
         need(not (f.lora_rank and f.freeze), "finetune.freeze and finetune.lora_rank are exclusive: LoRA already freezes the base weights")
+
+
+def decay_steps(t: TrainConfig) -> int:
+    """lr_decay=wsd: how many of train.max_steps, at the end, decay the learning rate (at least one)."""
+    return max(1, round(t.decay_fraction * t.max_steps))
+
+
+def checkpoint_every(spec: str) -> int:
+    """train.activation_checkpointing as a Block interval: 0 for none, 1 for full (every Block), N for every_N."""
+    match = re.fullmatch(r"none|full|every_([1-9][0-9]*)", spec)
+    if match is None:
+        raise UserError(f"train.activation_checkpointing: {spec!r} is not none, full or every_N with N >= 1 (e.g. every_2: Blocks 0, 2, 4, ...)")
+    return 0 if spec == "none" else 1 if spec == "full" else int(match.group(1))
+
+
+def step_range(spec: str) -> tuple[int, int] | None:
+    """log.profile_steps "A-B" as (A, B), the first and last optimizer step (counted from 1, as in metrics.jsonl); None when empty."""
+    if not spec:
+        return None
+    match = re.fullmatch(r"\s*([0-9]+)\s*-\s*([0-9]+)\s*", spec)
+    if match is None or not 1 <= int(match.group(1)) <= int(match.group(2)):
+        raise UserError(f"log.profile_steps: {spec!r} is not a step range A-B with 1 <= A <= B, e.g. 10-15")
+    return int(match.group(1)), int(match.group(2))
 
 
 def help_text(stage: str) -> str:

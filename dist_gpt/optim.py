@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from dist_gpt.config import TrainConfig
+from dist_gpt.config import TrainConfig, decay_steps
 from dist_gpt.errors import UserError
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -157,6 +157,8 @@ def lr_at(step: int, elapsed: float, t: TrainConfig) -> float:
     """Linear warmup, then decay to min_lr; progress is the larger of steps and elapsed time (with a time budget)."""
     if step < t.warmup_steps:
         return t.lr * (step + 1) / (t.warmup_steps + 1)
+    if t.lr_decay == "wsd":
+        return wsd_lr(step, elapsed, t)
     progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
     if t.time_budget_s > 0:
         progress = max(progress, elapsed / t.time_budget_s)
@@ -166,6 +168,20 @@ def lr_at(step: int, elapsed: float, t: TrainConfig) -> float:
     if t.lr_decay == "linear":
         return t.lr - progress * (t.lr - t.min_lr)
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
+
+
+def wsd_lr(step: int, elapsed: float, t: TrainConfig) -> float:
+    """Warmup-stable-decay after warmup: train.lr, then over the last decay_steps(t) steps (or the last decay_fraction of
+    the time budget) down to min_lr, reached at the last step. Until the decay starts the rate does not depend on
+    max_steps, so a run still in its stable phase can be resumed with a larger train.max_steps and go on as if planned.
+    """
+    n = decay_steps(t)
+    progress = (step + 1 - (t.max_steps - n)) / n  # <= 0 while stable, 1 at the last step
+    if t.time_budget_s > 0:
+        progress = max(progress, (elapsed / t.time_budget_s - (1 - t.decay_fraction)) / t.decay_fraction)
+    progress = min(max(progress, 0.0), 1.0)
+    drop = math.sqrt(progress) if t.decay_shape == "1-sqrt" else progress
+    return t.lr - drop * (t.lr - t.min_lr)
 
 
 def lr_factor(step: int, elapsed: float, t: TrainConfig) -> float:

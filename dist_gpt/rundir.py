@@ -5,6 +5,7 @@
       .lock           held (flock) by the live process training into it
       config.yaml  tokenizer.json  parent.json (finetunes)  model.safetensors  summary.json  metrics.jsonl  samples.jsonl
       checkpoints/step_000500/ ...   (checkpoint.py)
+      profile/        profiler traces and memory snapshots (log.profile_steps; profiling.py)
 
 The rules (docs/fault_tolerance.md lists them with their tests):
 - dist_gpt writes only into an empty (or new) directory or one of its own runs; never into any other folder, a folder
@@ -44,6 +45,7 @@ SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 SAMPLES = "samples.jsonl"
 CHECKPOINTS = "checkpoints"
+PROFILE = "profile"
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -151,6 +153,10 @@ class RunDir:
     @property
     def samples(self) -> Path:
         return self.path / SAMPLES
+
+    @property
+    def profile(self) -> Path:
+        return self.path / PROFILE
 
     # --- opening ----------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, broadcast_object_list
 
 from dist_gpt import hardware
-from dist_gpt.config import Config
+from dist_gpt.config import Config, checkpoint_every
 from dist_gpt.errors import UserError
 from dist_gpt.tracking import log
 
@@ -94,6 +94,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     cfg.train.mixed_precision, cfg.model.attn_impl = decisions.precision, decisions.attn_impl
     compile_on = cfg.train.compile == "true" or (cfg.train.compile == "auto" and cuda)
     cfg.train.compile = "true" if compile_on else "false"
+    check_recompute_backend(cfg)
     fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     kwargs: dict[str, Any] = {}
     if fsdp_requested and cuda:
@@ -174,6 +175,49 @@ def teardown(accelerator: Accelerator) -> None:
     tensor aborts the process now and then: SIGABRT, "terminate called without an active exception")."""
     accelerator.free_memory()
     accelerator.state.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- activation checkpointing
+
+
+def check_recompute_backend(cfg: Config) -> None:
+    """torch.compile's `eager` debugging backend recomputes a checkpointed Block's dropout with other masks than its
+    forward pass used (torch 2.13; inductor and aot_eager keep them): wrong gradients, so refuse the combination."""
+    backend = os.environ.get("DIST_GPT_COMPILE_BACKEND", "inductor")
+    if backend == "eager" and cfg.train.compile == "true" and checkpoint_every(cfg.train.activation_checkpointing) and cfg.model.dropout > 0:
+        raise UserError(
+            "DIST_GPT_COMPILE_BACKEND=eager recomputes checkpointed Blocks with other dropout masks (wrong gradients): with "
+            "train.activation_checkpointing use the default backend or aot_eager, model.dropout=0, or train.compile=false"
+        )
+
+
+def checkpoint_blocks(model: torch.nn.Module, spec: str) -> int:
+    """train.activation_checkpointing: wrap Blocks 0, N, 2N, ... of `model` (every Block for `full`) in torch's
+    checkpoint_wrapper (non-reentrant torch.utils.checkpoint), in place; returns how many. Call it before
+    `accelerator.prepare`, so DDP, FSDP and torch.compile all see the wrapped Blocks.
+
+    A wrapped Block keeps only its input for the backward pass and runs its forward again there (dropout gets the same
+    masks: the RNG state is saved and restored). The weights keep plain GPT names in every state dict: the wrapper's
+    hooks and torch.distributed.checkpoint's helpers both drop its `_checkpoint_wrapped_module.` prefix.
+    """
+    every = checkpoint_every(spec)
+    if not every:
+        return 0
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    from dist_gpt.model import Block
+
+    if os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true":
+        raise UserError(
+            "activation checkpointing is on twice: in the Accelerate config (fsdp_activation_checkpointing: true) and in "
+            f"train.activation_checkpointing={spec}; set fsdp_activation_checkpointing: false and keep train.activation_checkpointing"
+        )
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    if not blocks:
+        raise UserError(f"train.activation_checkpointing={spec}: this model has no Transformer Blocks to recompute (model.kind=bigram); use none")
+    chosen = set(blocks[::every])
+    apply_activation_checkpointing(model, check_fn=lambda m: m in chosen)
+    return len(chosen)
 
 
 # ----------------------------------------------------------------------------- what depends on the process count

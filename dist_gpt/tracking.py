@@ -1,7 +1,9 @@
 """What a run reports: `metrics.jsonl`, `samples.jsonl`, W&B (through Accelerate) and the progress bar.
 
 Only the main process writes. `metrics.jsonl` is enough to plot a run; W&B is optional and never
-touches the network without credentials (it then runs offline into RUN_DIR/wandb).
+touches the network without credentials (it then runs offline into RUN_DIR/wandb, or WANDB_DIR/wandb).
+W&B's own variables WANDB_DIR, WANDB_PROJECT, WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_NAME and WANDB_RUN_ID (set by
+`wandb agent` in a sweep) are respected; an explicit log.project or log.run_name wins over the variable.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import netrc
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,20 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def wandb_mode_for(run_dir: Path) -> str:
+def wandb_init_args(cfg: Any, run_dir: Path, wandb_id: str | None, env: Mapping[str, str] = os.environ) -> tuple[str, dict[str, Any]]:
+    """(project, keyword arguments of wandb.init) for this run, W&B's environment variables taken into account."""
+    project = cfg.log.project if "log.project" in cfg.explicit else env.get("WANDB_PROJECT") or cfg.log.project
+    kwargs = {
+        "name": cfg.log.run_name or env.get("WANDB_NAME") or run_dir.name,
+        "id": env.get("WANDB_RUN_ID") or wandb_id,  # a sweep agent names the run it started; otherwise ours, kept across resumes
+        "resume": "allow",
+        "dir": env.get("WANDB_DIR") or str(run_dir),
+    }
+    kwargs |= {key: env[var] for key, var in (("entity", "WANDB_ENTITY"), ("group", "WANDB_RUN_GROUP")) if env.get(var)}
+    return project, kwargs
+
+
+def wandb_mode_for(wandb_dir: str | Path) -> str:
     """Decide how W&B runs without ever prompting: the user's WANDB_MODE, online with credentials, else offline."""
     mode = os.environ.get("WANDB_MODE")
     if mode:
@@ -37,7 +53,7 @@ def wandb_mode_for(run_dir: Path) -> str:
     if has_key:
         return "online"
     os.environ["WANDB_MODE"] = "offline"
-    log(f"W&B: no credentials found, logging offline into {run_dir}/wandb (upload later with `wandb sync`; --log.wandb=false turns it off)")
+    log(f"W&B: no credentials found, logging offline into {Path(wandb_dir) / 'wandb'} (upload later with `wandb sync`; --log.wandb=false turns it off)")
     return "offline"
 
 
@@ -79,11 +95,10 @@ class Tracker:
             _truncate_jsonl(self.metrics_path, start_step if start_step else -1)
             _truncate_jsonl(self.samples_path, start_step if start_step else -1)
         if self.use_wandb:
+            project, init = wandb_init_args(cfg, run_dir, wandb_id)
             if self.main:
-                os.environ.setdefault("WANDB_DIR", str(run_dir))
-                wandb_mode_for(run_dir)
-            init = {"wandb": {"name": cfg.log.run_name or run_dir.name, "id": wandb_id, "resume": "allow", "dir": str(run_dir)}}
-            accelerator.init_trackers(cfg.log.project, config=cfg.to_dict(), init_kwargs=init)
+                wandb_mode_for(init["dir"])
+            accelerator.init_trackers(project, config=cfg.to_dict(), init_kwargs={"wandb": init})
         # the bar counts steps, or seconds when a time budget ends the run (its ETA is then the budget's)
         self.by_time = cfg.train.time_budget_s > 0
         total, done = (round(cfg.train.time_budget_s), round(elapsed_s)) if self.by_time else (cfg.train.max_steps, start_step)

@@ -26,8 +26,9 @@ from dist_gpt.checkpoint import Checkpointer, ModelState, OptimizerState, RNGSta
 from dist_gpt.config import Config
 from dist_gpt.errors import UserError
 from dist_gpt.optim import lr_factor, make_optimizer
+from dist_gpt.profiling import Profiler
 from dist_gpt.rundir import RunDir
-from dist_gpt.runtime import is_sharded, peak_flops, seed_everything, teardown
+from dist_gpt.runtime import checkpoint_blocks, is_sharded, peak_flops, seed_everything, teardown
 from dist_gpt.tracking import Tracker, log
 
 EVAL_SHARE = 0.02  # with a time budget, one evaluation (both splits) may take at most this share of it
@@ -100,6 +101,7 @@ class Trainer:
 
         seed_everything(self.cfg.run.seed + self.rank)
         cuda = accelerator.device.type == "cuda"
+        self.recomputed_blocks = checkpoint_blocks(job.model, t.activation_checkpointing)  # before DDP/FSDP/compile wrap it
         self.model = accelerator.prepare(job.model)
         self.sharded = is_sharded(self.model)
         ns_dtype = getattr(accelerator, "ns_dtype", torch.bfloat16)
@@ -278,7 +280,7 @@ class Trainer:
         loss /= self.world
         bad_grad = clip and self.acc.scaler is None and not math.isfinite(norm_sum)  # fp16's scaler skips such steps itself
         if not math.isfinite(loss) or bad_grad:
-            what = f"the gradient norm became {norm_sum / self.world}" if bad_grad else f"the loss became {loss}"
+            what = f"the loss became {loss}" if not math.isfinite(loss) else f"the gradient norm became {norm_sum / self.world}"
             if t.on_nan == "stop":
                 raise NonFiniteLoss(
                     f"{what} at step {s.step + 1}; stopping without saving. The last good checkpoint is untouched: "
@@ -309,6 +311,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         log_main(self._describe())
         tracker = Tracker(self.acc, self.run, cfg, s.step, s.elapsed_s, s.wandb_id)
+        profiler = Profiler(cfg.log, self.run.profile, self.rank, self.acc.is_main_process, self.acc.device.type == "cuda", first_step=s.step + 1)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         self._t0, self._elapsed_base = self._clock(), s.elapsed_s
         try:
@@ -316,7 +319,8 @@ class Trainer:
                 self._eval_and_log(tracker, {"step": 0, "tokens": 0, "elapsed_s": 0.0})
             last_time, last_tokens = time.perf_counter(), s.tokens_seen
             while True:
-                loss = self.train_step()
+                with profiler.step(s.step + 1):  # log.profile_steps; running out of memory becomes one line
+                    loss = self.train_step()
                 s.step += 1
                 s.tokens_seen += self.tokens_per_step
                 done, stopping = s.finished(t), self.stopping
@@ -342,6 +346,7 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            profiler.close()
             tracker.close()
         log_main(f"done: {s.step} steps, val loss {s.last_val_loss:.4f} (best {s.best_val_loss:.4f}), {s.elapsed_s:.1f} s; model in {self.run.path / 'model.safetensors'}")
         if self.acc.device.type == "cuda":
@@ -361,6 +366,9 @@ class Trainer:
             f"tokens per optimizer step: {t.batch_size} (micro-batch) x {self.block_size} (block) x {t.grad_accum} (accumulation) x {self.world} (processes) = {self.tokens_per_step:,}",
             f"run directory: {self.run.path}",
         ]
+        if self.recomputed_blocks:
+            n, of = self.recomputed_blocks, self.cfg.model.n_layer
+            lines.append(f"activation checkpointing ({t.activation_checkpointing}): {n} of {of} Blocks recompute their activations in the backward pass")
         if self.peak:
             lines.append(f"MFU is quoted against the {self.peak[1]} datasheet's dense bf16 peak, {self.peak[0] / 1e12:.0f} TFLOP/s per GPU")
         return "\n".join(lines)

@@ -219,23 +219,23 @@ ROWS = [
     Row("sample: top_p nan", "sample.py", [*SAMPLE, "--top_p", "nan"], "--top_p must be in (0, 1], got nan"),
     Row("sample: run is a file", "sample.py", ["--run", "{tmp}/f.txt", "--prompt", "a"], "run directory not found: {tmp}/f.txt", write("f.txt", "x")),
     Row("sample: empty run directory", "sample.py", ["--run", "{tmp}", "--prompt", "a"], "{tmp} is not a run directory: config.yaml is missing"),
-    Row("sample: config.yaml empty", "sample.py", ["--run", "{out}", "--prompt", "a"], "saved config is empty", config_yaml("")),
+    Row("sample: config.yaml empty", "sample.py", ["--run", "{out}", "--prompt", "a"], ("saved config {out}/config.yaml is empty", "must hold the config it was trained with"), config_yaml("")),
     Row(
-        "sample: config.yaml a list", "sample.py", ["--run", "{out}", "--prompt", "a"], "saved config must hold a mapping of sections", config_yaml("[1, 2]\n")
+        "sample: config.yaml a list", "sample.py", ["--run", "{out}", "--prompt", "a"], "saved config {out}/config.yaml must hold a mapping of sections", config_yaml("[1, 2]\n")
     ),
-    Row("sample: config.yaml not YAML", "sample.py", ["--run", "{out}", "--prompt", "a"], "{out}/config.yaml is corrupt", config_yaml("model: [1\n")),
+    Row("sample: config.yaml not YAML", "sample.py", ["--run", "{out}", "--prompt", "a"], "saved config {out}/config.yaml is not valid YAML", config_yaml("model: [1\n")),
     Row(
         "sample: config.yaml section a number",
         "sample.py",
         ["--run", "{out}", "--prompt", "a"],
-        "saved config: section 'model' must be a mapping",
+        "saved config {out}/config.yaml: section 'model' must be a mapping",
         config_yaml("model: 5\n"),
     ),
     Row(
         "sample: config.yaml unknown key",
         "sample.py",
         ["--run", "{out}", "--prompt", "a"],
-        "unknown config key 'model.n_embed' in saved config (did you mean model.n_embd?)",
+        ("unknown config key 'model.n_embed' in saved config {out}/config.yaml", "(did you mean model.n_embd?)"),
         copy_run(retype("n_embed", 32)),
     ),
     Row(

@@ -39,8 +39,7 @@ ADDS = {
     "06_layernorm": {"layernorm": True},
 }
 SCALED = {
-    # attn_impl is a speed setting (the same function; bf16 autocast gains with it on this CPU), not an idea
-    "cpu": {"n_layer": 4, "n_embd": 128, "block_size": 64, "dropout": 0.1, "attn_impl": "matmul"},
+    "cpu": {"n_layer": 4, "n_embd": 128, "block_size": 64, "dropout": 0.1},
     "lecture": {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, "dropout": 0.2},
 }
 

@@ -328,7 +328,7 @@ def test_signal_writes_a_checkpoint_and_exits(tmp_path, data_dir, reference, sig
     assert f"stopped by {name} at step {stopped_at}; checkpoint written to {run_dir}; rerun the same command to resume" in running.stderr
     assert "Traceback" not in running.stderr
     assert find_resumable(run_dir / "checkpoints", pytest.fail) == run_dir / "checkpoints" / f"step_{stopped_at:06d}"
-    assert not (run_dir / ".lock").exists()
+    assert not is_locked(run_dir)
     if sig == signal.SIGTERM:  # resuming from a checkpoint at any step (not only a multiple of the interval) is exact too
         out = run(pretrain_cmd(run_dir, data_dir))
         assert_clean_exit(out)
@@ -467,8 +467,9 @@ def test_checkpoints_hold_only_safetensors_and_json(reference):
         for p in folder.glob("*.safetensors"):
             load_file(p)
     assert sorted(p.name for p in reference.iterdir() if p.is_file()) == [
-        "config.yaml", "metrics.jsonl", "model.safetensors", "samples.jsonl", "summary.json", "tokenizer.json",
+        ".dist_gpt_run", ".lock", "config.yaml", "metrics.jsonl", "model.safetensors", "samples.jsonl", "summary.json", "tokenizer.json",
     ]  # fmt: skip
+    json.loads((reference / ".dist_gpt_run").read_text())  # the marker is JSON too
 
 
 def test_no_pickle_loading_or_remote_code_in_the_source():
