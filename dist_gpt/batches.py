@@ -14,6 +14,21 @@ non-overlapping window, wrapping) or, for SFT, a pair. On rank r a call takes sa
 position + r*B ... position + r*B + B - 1, then position += world_size * B, so the samples seen do not
 depend on how they are spread over processes, and `state_dict()` resumes exactly, with any world size.
 Every rank must use the same seed.
+
+A sharded folder (shards.py: many token files and a manifest) gives a `ShardedSplit` with the same
+interface. A window never straddles two shards: shard i holds w_i = (n_i - 1) // block_size windows of
+block_size + 1 tokens at stride block_size, and an epoch is the sum of the w_i samples. Sample j is in
+epoch e = j // epoch_samples; shard and start are a pure function of (seed, j), so resume is exact on
+any world size, as above:
+- random: the shards of epoch e are read in a seeded permutation (seed, e); each shard's windows in a
+  seeded permutation (seed, e, shard), all shifted by a seeded offset in [0, n_i - w_i * block_size).
+  So an epoch reads every token of every shard once (but < block_size + 1 at a shard's ends), one
+  shard after another, in random window order, and every epoch differs;
+- sequential: shards in manifest order, windows in order from each shard's first token.
+Evaluation batches of a sharded split are its first windows in order (the same every time), so a val
+split of block_size * eval_iters * batch_size + 1 tokens is scored exactly once per evaluation.
+While reading a shard, the loader tells the split which shards come next (data.prefetch_shards of them),
+so remote shards arrive before they are needed.
 """
 
 from __future__ import annotations
@@ -27,12 +42,16 @@ import numpy as np
 
 from dist_gpt.errors import UserError
 from dist_gpt.io import read_json
+from dist_gpt.shards import LAYOUT, ShardedSplit, open_sharded
 
 if TYPE_CHECKING:
     import torch
 
+    from dist_gpt.config import DataConfig
+
 SPLITS = ("train", "val")
 SAMPLE_BLOCK = 1024  # random draws per generator seed: sample j uses the generator of block j // SAMPLE_BLOCK
+ORDER_TAG, WINDOW_TAG = 0x5348_4F52, 0x5348_5749  # seed-sequence tags of a sharded split's shard order and window order
 
 
 # ----------------------------------------------------------------------------- reading
@@ -53,6 +72,7 @@ class TokenSplit:
     tokens: np.ndarray
     mask: np.ndarray | None = None
     offsets: np.ndarray | None = None  # int64: start of each pair, then the end
+    sharded = False
 
     @property
     def sft(self) -> bool:
@@ -70,6 +90,8 @@ def split_files(meta: dict) -> dict[str, int]:
     """Expected size in bytes of each prepared array file."""
     itemsize = np.dtype(meta["dtype"]).itemsize
     sizes = {}
+    if meta.get("layout") == LAYOUT:
+        return {s["name"]: s["tokens"] * itemsize for split in SPLITS for s in meta["shards"][split]}
     for split in SPLITS:
         n = meta["tokens"][split]
         sizes[f"{split}.bin"] = n * itemsize
@@ -88,11 +110,16 @@ def check_split_size(name: str, n_tokens: int, block_size: int) -> None:
         )
 
 
-def open_split(data_dir: str | Path, split: str) -> TokenSplit:
+def open_split(data_dir: str | Path, split: str, data: DataConfig | None = None) -> TokenSplit | ShardedSplit:
+    """A prepared split, memory-mapped: one array, or shards (`data` gives a sharded split its disk budget and prefetch)."""
     data_dir = Path(data_dir)
     meta = load_meta(data_dir)
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}: one of {', '.join(SPLITS)}")
+    if meta.get("layout") == LAYOUT:
+        sharded = open_sharded(data_dir, split, meta, budget_gb=data.disk_budget_gb if data else 0.0)
+        sharded.ahead = data.prefetch_shards if data else 0
+        return sharded
     for name, size in split_files(meta).items():
         path = data_dir / name
         if name.startswith(f"{split}.") and (not path.is_file() or path.stat().st_size != size):
@@ -108,14 +135,91 @@ def open_split(data_dir: str | Path, split: str) -> TokenSplit:
 # ----------------------------------------------------------------------------- batches
 
 
+class _ShardWindows:
+    """Sample j of a sharded split -> (shard, start of its window), a pure function of (seed, stream, j); see the module docstring."""
+
+    def __init__(self, split: ShardedSplit, block_size: int, key: list[int], mode: str):
+        self.T, self.key, self.mode, self.sizes = block_size, key, mode, split.sizes
+        self.windows = np.maximum((split.sizes - 1) // block_size, 0)  # per shard: windows of T + 1 tokens at stride T
+        self.usable = np.flatnonzero(self.windows > 0)
+        self.per_epoch = int(self.windows.sum())
+        if self.per_epoch == 0:
+            raise UserError(
+                f"no shard of the {split.name} split holds block_size + 1 = {block_size + 1} tokens (the largest has {int(split.sizes.max(initial=0)):,}), "
+                "and a window never straddles two shards: prepare with a larger data.shard_tokens, or lower model.block_size"
+            )
+        self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._within: dict[tuple[int, int], tuple[np.ndarray, int]] = {}
+
+    def order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The shards in epoch `epoch`'s reading order, and the windows before each (cumulative, then the total)."""
+        if epoch not in self._orders:
+            if len(self._orders) > 2:
+                self._orders.clear()
+            order = self.usable if self.mode == "sequential" else np.random.default_rng([*self.key, ORDER_TAG, epoch]).permutation(self.usable)
+            self._orders[epoch] = order, np.concatenate([[0], np.cumsum(self.windows[order])])
+        return self._orders[epoch]
+
+    def _shuffle(self, epoch: int, shard: int) -> tuple[np.ndarray, int]:
+        """Shard `shard`'s window order in epoch `epoch`, and the offset of its first window."""
+        key = (epoch, shard)
+        if key not in self._within:
+            if len(self._within) > 8:
+                self._within.clear()
+            rng = np.random.default_rng([*self.key, WINDOW_TAG, epoch, shard])
+            w = int(self.windows[shard])
+            self._within[key] = rng.permutation(w), int(rng.integers(0, self.sizes[shard] - w * self.T))
+        return self._within[key]
+
+    def _position(self, j: int) -> tuple[int, int]:
+        """(epoch, place in that epoch's shard order) of sample j."""
+        epoch, r = divmod(j, self.per_epoch)
+        return epoch, int(np.searchsorted(self.order(epoch)[1], r, side="right")) - 1
+
+    def locate(self, js: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, start) int64 arrays for the samples js."""
+        epochs, r = np.divmod(js, self.per_epoch)
+        shards, q = np.empty(len(js), dtype=np.int64), np.empty(len(js), dtype=np.int64)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            order, cum = self.order(int(e))
+            k = np.searchsorted(cum, r[sel], side="right") - 1
+            shards[sel], q[sel] = order[k], r[sel] - cum[k]
+        if self.mode == "sequential":
+            return shards, q * self.T
+        starts = np.empty(len(js), dtype=np.int64)
+        for e, s in {(int(e), int(s)) for e, s in zip(epochs, shards, strict=True)}:
+            sel = (epochs == e) & (shards == s)
+            perm, shift = self._shuffle(e, s)
+            starts[sel] = shift + perm[q[sel]] * self.T
+        return shards, starts
+
+    def ahead(self, j: int, n: int) -> list[int]:
+        """The shard of sample j and the next n distinct shards the stream reads after it."""
+        epoch, k = self._position(j)
+        out: list[int] = []
+        while len(out) < min(n + 1, len(self.usable)):
+            order = self.order(epoch)[0]
+            for s in order[k:].tolist():
+                if s not in out:
+                    out.append(s)
+                if len(out) == min(n + 1, len(self.usable)):
+                    break
+            epoch, k = epoch + 1, 0
+        return out
+
+
 class _Sampler:
     """Sample j of a stream -> (x, y): a window of the tokens or an SFT pair, fixed by (seed, stream, j)."""
 
-    def __init__(self, split: TokenSplit, block_size: int, seed: int, mode: str, stream: int):
+    def __init__(self, split: TokenSplit | ShardedSplit, block_size: int, seed: int, mode: str, stream: int):
         if mode not in ("random", "sequential"):
             raise UserError(f"data.loader must be random or sequential, got {mode!r}")
         self.split, self.T, self.mode = split, block_size, mode
         self.key = [seed % (1 << 64), stream]
+        if split.sharded:
+            self.windows = _ShardWindows(split, block_size, self.key, mode)
+            return
         if split.sft:
             self.n = split.pairs
             if self.n < 1:
@@ -141,6 +245,12 @@ class _Sampler:
     def batch(self, js: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 
+        if self.split.sharded:
+            shards, starts = self.windows.locate(js)
+            seq = np.empty((len(js), self.T + 1), dtype=np.int64)
+            for s in np.unique(shards):
+                seq[shards == s] = self.split.read(int(s), starts[shards == s], self.T + 1)
+            return torch.from_numpy(seq[:, :-1]), torch.from_numpy(seq[:, 1:])
         picks = self._draw(js) if self.mode == "random" else js % self.n
         T, tokens = self.T, self.split.tokens
         if not self.split.sft:
@@ -162,7 +272,7 @@ class _Sampler:
 class BatchLoader:
     """Batches of (x, y), int64 (batch_size, block_size), from one global stream of samples (see the module docstring)."""
 
-    def __init__(self, split: TokenSplit, block_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, mode: str = "random"):
+    def __init__(self, split: TokenSplit | ShardedSplit, block_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, mode: str = "random"):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.split, self.block_size, self.batch_size = split, block_size, batch_size
@@ -172,6 +282,8 @@ class BatchLoader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         js = self.position + self.rank * self.batch_size + np.arange(self.batch_size)
+        if self.split.sharded:  # every rank plans the same shards: the one being read and the next ones
+            self.split.plan(self._sampler.windows.ahead(self.position, self.split.ahead))
         self.position += self.world_size * self.batch_size
         return self._sampler.batch(js)
 
@@ -193,10 +305,11 @@ class BatchLoader:
 
 
 def eval_batches(
-    split: TokenSplit, block_size: int, batch_size: int, n_batches: int, seed: int, rank: int = 0, world_size: int = 1
+    split: TokenSplit | ShardedSplit, block_size: int, batch_size: int, n_batches: int, seed: int, rank: int = 0, world_size: int = 1
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The same n_batches random batches at every evaluation; batch b is evaluated by rank b % world_size."""
-    sampler = _Sampler(split, block_size, seed, "random", stream=1)
+    """The same n_batches batches at every evaluation (random windows; a sharded split's first windows in order);
+    batch b is evaluated by rank b % world_size."""
+    sampler = _Sampler(split, block_size, seed, "sequential" if split.sharded else "random", stream=1)
     return (sampler.batch(b * batch_size + np.arange(batch_size)) for b in range(rank, n_batches, world_size))
 
 

@@ -57,6 +57,14 @@ class DataConfig:
     loader: str = opt(
         "random", "random: seeded random windows (the lecture's get_batch); sequential: walk the tokens without replacement", ("random", "sequential")
     )
+    # sharded data (README, "Sharded data"): many token files plus a manifest, prepared while the source streams
+    shard_tokens: int = opt(0, "when > 0, prepare the corpus as token shards of this many tokens (streaming the source); 0: one train.bin and val.bin")
+    val_tokens: int = opt(0, "sharded data: the first N tokens of the stream are the val split (FineWeb as modded-nanogpt: 10485761)")
+    eot: bool = opt(False, "sharded data: the tokenizer's end-of-text token before every document (gpt2 only: <|endoftext|>, as llm.c and modded-nanogpt)")
+    prepare_rank: int = opt(0, "sharded prepare: this worker's index; worker R prepares input files R, R + W, ... (launch/prepare.py only)")
+    prepare_world: int = opt(1, "sharded prepare: how many workers (processes or nodes) split the input files; the last to finish writes meta.json")
+    disk_budget_gb: float = opt(0.0, "fetched shards: the most disk their local copies may take (GB); older ones are deleted behind the reader; 0: no limit")
+    prefetch_shards: int = opt(2, "fetched shards: how many to fetch ahead of the one being read")
 
 
 @dataclass
@@ -575,6 +583,15 @@ def validate(cfg: Config, stage: str) -> None:
     need(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be between 0 and 1 (exclusive), got {d.val_fraction}")
     need(d.num_proc >= 1, f"data.num_proc must be >= 1, got {d.num_proc}")
     need(d.tokenizer != "bpe" or d.vocab_size > 256, f"data.vocab_size must be > 256 for a byte-level BPE, got {d.vocab_size}")
+    for key in ("shard_tokens", "val_tokens", "prefetch_shards"):
+        need(getattr(d, key) >= 0, f"data.{key} must be >= 0, got {getattr(d, key)}")
+    need(d.disk_budget_gb >= 0, f"data.disk_budget_gb must be a finite number >= 0, got {d.disk_budget_gb}")
+    need(d.prepare_world >= 1, f"data.prepare_world must be >= 1, got {d.prepare_world}")
+    need(0 <= d.prepare_rank < d.prepare_world, f"data.prepare_rank must be in [0, data.prepare_world = {d.prepare_world}), got {d.prepare_rank}")
+    need(
+        stage == "prepare" or d.prepare_world == 1,
+        "data.prepare_world > 1 splits a sharded prepare over several launch/prepare.py workers; train once they are done, without it",
+    )
     if stage != "finetune":  # a finetune's shape comes from its parent, which checks any override against it
         check_model(m)
     need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")

@@ -162,7 +162,8 @@ def split_tokens(data_dir: Path, split: str, tokenizer: Any) -> Tokens:
     s = open_split(data_dir, split)
     if s.sft:
         return Tokens(np.asarray(s.tokens), np.asarray(s.offsets, dtype=np.int64), np.asarray(s.mask))
-    return Tokens(np.asarray(s.tokens), np.array([0, len(s.tokens)], dtype=np.int64))
+    ids = s.tokens if s.sharded else np.asarray(s.tokens)  # shards: one lazy sequence, read window by window
+    return Tokens(ids, np.array([0, len(ids)], dtype=np.int64))
 
 
 def file_tokens(path: Path, tokenizer: Any, unknown: str) -> Tokens:

@@ -331,8 +331,8 @@ def _scan_bytes(path: Path, errors: str, check_utf8: bool, log: Callable[[str], 
 
 
 def recipe_names() -> list[str]:
-    """The recipes there are: the plain names of the .py files in the repository's data/ folder."""
-    return sorted(p.stem for p in RECIPES.glob("*.py") if RECIPE_NAME.fullmatch(p.stem))
+    """The recipes there are: the plain names of the .py files in the repository's data/ folder that define records()."""
+    return sorted(p.stem for p in RECIPES.glob("*.py") if RECIPE_NAME.fullmatch(p.stem) and "\ndef records(" in p.read_text(encoding="utf-8"))
 
 
 def _recipe(name: str) -> tuple[Callable[[str], list[dict]], Path]:
@@ -778,8 +778,11 @@ def prepare(
     sft: bool = False,
     log: Callable[[str], None] = print,
     block_size: int = 0,
-) -> dict:
+) -> dict | None:
     """Build `data_dir`'s arrays from `cfg.source`, or say they are up to date; returns meta.
+
+    Sharded data (data.shard_tokens > 0, or data.source naming another sharded folder's meta.json) goes to
+    streaming.prepare_sharded; it returns None when other workers (data.prepare_world > 1) are still busy.
 
     `tokenizer` given (finetuning): encode with it instead of training one. `block_size` > 0: each split
     must hold at least block_size + 1 tokens (SFT: at least one pair). One prepare at a time works in a
@@ -787,6 +790,11 @@ def prepare(
     failure is a UserError: a full or read-only disk, an unreadable or vanished source file.
     """
     data_dir = Path(data_dir)
+    if cfg.shard_tokens > 0 or cfg.source.strip().endswith("meta.json"):  # sharded data: streamed into shards (streaming.py)
+        from dist_gpt.streaming import is_manifest, prepare_sharded
+
+        if cfg.shard_tokens > 0 or is_manifest(cfg.source):
+            return prepare_sharded(cfg, data_dir, tokenizer, sft, cfg.recipe, log, block_size)
     recipe = _recipe(cfg.recipe) if cfg.recipe else None
     if data_dir.exists() and not data_dir.is_dir():
         raise UserError(f"data.dir {data_dir} is a file, not a folder: move it away or choose another --data.dir")

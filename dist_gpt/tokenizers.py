@@ -269,7 +269,8 @@ class GPT2Tokenizer(Tokenizer):
         return np.asarray(self.encode(text), dtype=np.uint32)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.enc.decode([int(i) for i in ids])
+        """Text of `ids`; ids past the vocabulary (a model's padded rows, e.g. 50304) have no text and are skipped."""
+        return self.enc.decode([int(i) for i in ids if int(i) < self.enc.n_vocab])
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "vocab_size": self.vocab_size}

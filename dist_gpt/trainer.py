@@ -78,7 +78,7 @@ class Trainer:
         self.flops_per_token = self.raw_model.estimate_flops_per_token() if hasattr(self.raw_model, "estimate_flops_per_token") else 0
         self.peak = peak_flops(torch.cuda.get_device_name(accelerator.device)) if cuda else None
 
-        self.train_split, self.val_split = open_split(job.data_dir, "train"), open_split(job.data_dir, "val")
+        self.train_split, self.val_split = open_split(job.data_dir, "train", self.cfg.data), open_split(job.data_dir, "val", self.cfg.data)
         for name, split in (("train", self.train_split), ("val", self.val_split)):
             check_split_size(name, len(split.tokens), self.block_size)
         loader = BatchLoader(self.train_split, self.block_size, t.batch_size, seed=self.cfg.run.seed, rank=self.rank, world_size=self.world, mode=self.cfg.data.loader)
