@@ -291,7 +291,7 @@ class Trainer:
                 s.step += 1
                 s.tokens_seen += self.tokens_per_step
                 done, stopping = s.finished(t), self.stopping
-                eval_due = (s.step % t.eval_interval == 0 or done) and not stopping
+                eval_due = s.step % t.eval_interval == 0 or done  # also when stopping: the metrics stay those of an uninterrupted run
                 if s.step % t.log_interval == 0 or eval_due or done:
                     now = time.perf_counter()
                     tok_s = (s.tokens_seen - last_tokens) / max(now - last_time, 1e-9)
