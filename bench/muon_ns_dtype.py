@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dist_gpt.config import GPTConfig, TrainConfig  # noqa: E402
 from dist_gpt.model import GPT  # noqa: E402
-from dist_gpt.trainer import make_optimizer  # noqa: E402
+from dist_gpt.optim import make_optimizer  # noqa: E402
 
 
 def main() -> None:
@@ -37,9 +37,9 @@ def main() -> None:
     model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, vocab_size=65, activation="relu2", pos_emb="rope", qk_norm=True))
     for param in model.parameters():
         param.grad = torch.randn_like(param) * 1e-3
-    optimizers = {"adamw": make_optimizer(model, TrainConfig(optimizer="adamw"), fused=False)}
+    optimizers = {"adamw": make_optimizer(model, TrainConfig(optimizer="adamw"))}
     for name, dtype in (("muon, Newton-Schulz fp32", torch.float32), ("muon, Newton-Schulz bf16", torch.bfloat16)):
-        optimizers[name] = make_optimizer(model, TrainConfig(optimizer="muon"), fused=False)
+        optimizers[name] = make_optimizer(model, TrainConfig(optimizer="muon"))
         optimizers[name].ns_dtype = dtype
     times: dict[str, list[float]] = {name: [] for name in optimizers}
     for _ in range(args.rounds + 1):  # the first round warms up

@@ -128,7 +128,7 @@ def common_val_loss(i: str) -> tuple[float, float]:
     import numpy as np
     import torch
 
-    from dist_gpt.checkpoint import load_run
+    from dist_gpt.rundir import load_run
     from dist_gpt.evaluate import Tokens, evaluate
 
     sys.path.insert(0, str(out / "nanogpt"))
