@@ -29,7 +29,7 @@ from dist_gpt.rundir import RunDir
 from dist_gpt.runtime import check_replicas_agree, checkpoint_blocks, is_sharded, peak_flops, seed_everything, teardown
 from dist_gpt.tracking import Tracker, log
 
-EVAL_SHARE = 0.02  # with a time budget, one evaluation (both splits) may take at most this share of it
+EVAL_SHARE = 0.05  # with a time budget, one evaluation (both splits) may take at most this share of it
 
 
 @dataclass
