@@ -129,7 +129,7 @@ class TrainConfig:
     grad_clip: float = opt(1.0, "clip the gradient norm to this; 0 disables")
     eval_interval: int = opt(250, "evaluate every N steps (and at step 0 and the end)")
     eval_at_start: bool = opt(True, "evaluate once before the first step (step 0)")
-    eval_iters: int = opt(200, "batches per split at each evaluation, split across processes")
+    eval_iters: int = opt(200, "batches per split at each evaluation, split across processes (fewer with a time budget that could not afford them)")
     log_interval: int = opt(10, "write a metrics line every N steps")
     checkpoint_interval: int = opt(500, "write a resumable checkpoint every N steps (and at the end)")
     keep_checkpoints: int = opt(2, "complete checkpoints to keep")

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 
 from dist_gpt.batches import BatchLoader, DeviceBatches, check_split_size, eval_batches, open_split
 from dist_gpt.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState, TrainState
-from dist_gpt.config import Config
+from dist_gpt.config import Config, TrainConfig
 from dist_gpt.errors import UserError
 from dist_gpt.optim import lr_factor, make_optimizer
 from dist_gpt.profiling import Profiler
@@ -29,7 +29,7 @@ from dist_gpt.rundir import RunDir
 from dist_gpt.runtime import check_replicas_agree, checkpoint_blocks, is_sharded, peak_flops, seed_everything, teardown
 from dist_gpt.tracking import Tracker, log
 
-EVAL_SHARE = 0.05  # with a time budget, one evaluation (both splits) may take at most this share of it
+EVAL_SHARE = 0.08  # with a time budget, all the run's evaluations together (both splits) may take at most this share of it
 
 
 @dataclass
@@ -50,6 +50,18 @@ class Job:
 
 class NonFiniteLoss(UserError):
     pass
+
+
+def affordable_eval_iters(per_batch_s: float, t: TrainConfig, world: int) -> tuple[int, int]:
+    """(eval batches per split, evaluations expected) so that a time-budgeted run's evaluations take at most EVAL_SHARE of it.
+
+    The evaluations expected are the one at the end, the one at step 0 (train.eval_at_start) and one per eval_interval
+    steps, the steps estimated high from the budget: a micro-step (forward + backward) costs at least two forward passes.
+    """
+    steps = min(t.max_steps, t.time_budget_s / (2 * per_batch_s * t.grad_accum))
+    evaluations = 1 + int(t.eval_at_start) + int(steps // t.eval_interval)
+    affordable = int(EVAL_SHARE * t.time_budget_s / (evaluations * 2 * per_batch_s)) * world  # two splits; the ranks share the batches
+    return min(t.eval_iters, max(affordable, 1)), evaluations
 
 
 class Trainer:
@@ -154,7 +166,7 @@ class Trainer:
         return out
 
     def _eval_iters_within_budget(self) -> int:
-        """train.eval_iters, or fewer when a time budget is set and an evaluation would cost more than EVAL_SHARE of it.
+        """train.eval_iters, or fewer when a time budget is set and the run's evaluations would cost more than EVAL_SHARE of it.
 
         Decided once per run from the slowest rank's time for one batch (the second one: the first pays for warm-up)
         and kept in the checkpoint, so every evaluation of the run, resumed or not, uses the same batches."""
@@ -167,14 +179,12 @@ class Trainer:
             start = time.perf_counter()
             self.model(x, y, return_logits=False)[1].item()
         per_batch = self.acc.reduce(torch.tensor(time.perf_counter() - start, device=self.acc.device), "max").item()
-        affordable = int(EVAL_SHARE * t.time_budget_s / (2 * per_batch)) * self.world  # two splits; the ranks share the batches
-        if affordable >= t.eval_iters:
-            return t.eval_iters
-        n = max(affordable, 1)
-        if self.acc.is_main_process:
+        n, evaluations = affordable_eval_iters(per_batch, t, self.world)
+        if n < t.eval_iters and self.acc.is_main_process:
             log(
-                f"warning: an evaluation of train.eval_iters={t.eval_iters} batches per split would take about {2 * t.eval_iters * per_batch / self.world:.1f} s "
-                f"here, over {EVAL_SHARE:.0%} of train.time_budget_s={t.time_budget_s:g}; evaluating {n} batches per split in this run instead"
+                f"warning: {evaluations} evaluation{'s' * (evaluations > 1)} of train.eval_iters={t.eval_iters} batches per split would take about "
+                f"{evaluations * 2 * t.eval_iters * per_batch / self.world:.0f} s here, over {EVAL_SHARE:.0%} of train.time_budget_s={t.time_budget_s:g}; "
+                f"evaluating {n} batches per split in this run instead"
             )
         return n
 

@@ -18,6 +18,7 @@ from dist_gpt.errors import UserError
 from dist_gpt.model import GPT
 from dist_gpt.optim import lr_at
 from dist_gpt.rundir import load_run
+from dist_gpt.trainer import EVAL_SHARE, affordable_eval_iters
 from dist_gpt.runtime import check_world_size
 
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -141,6 +142,33 @@ def test_world_size_mismatch_is_an_error():
     check_world_size(2, 2)
     with pytest.raises(UserError, match="did not join one group"):
         check_world_size(2, 1)
+
+
+def test_evaluations_of_a_time_budgeted_run_take_a_small_share_of_it():
+    from dist_gpt.config import TrainConfig
+
+    # the 5-minute CPU model on a CPU without bf16: 0.155 s per eval batch, so at most ~900 steps in 280 s
+    t = TrainConfig(time_budget_s=280, max_steps=10**6, eval_iters=100, eval_interval=500, eval_at_start=True, batch_size=32)
+    n, evaluations = affordable_eval_iters(0.155, t, world=1)
+    assert evaluations == 3  # step 0, step 500, the end
+    assert n == 24 and evaluations * 2 * n * 0.155 <= EVAL_SHARE * 280 < evaluations * 2 * (n + 1) * 0.155
+    assert affordable_eval_iters(0.155, t, world=2) == (48, 3)  # two ranks share the batches: twice as many in the same time
+    assert affordable_eval_iters(0.001, t, world=1) == (39, 282)  # a fast machine does more steps, so more evaluations
+    rare = TrainConfig(time_budget_s=280, max_steps=10**6, eval_iters=100, eval_interval=10**6, eval_at_start=True, batch_size=32)
+    assert affordable_eval_iters(0.001, rare, world=1) == (100, 2)  # a fast machine with few evaluations keeps train.eval_iters
+    assert affordable_eval_iters(100.0, t, world=1)[0] == 1  # never fewer than one batch
+    short = TrainConfig(time_budget_s=280, max_steps=400, eval_iters=100, eval_interval=500, eval_at_start=False, batch_size=32)
+    assert affordable_eval_iters(0.155, short, world=1) == (72, 1)  # max_steps ends it before step 500: only the final evaluation
+
+
+def test_time_budget_caps_the_evaluation(tmp_path, shakespeare):
+    extra = ["--train.time_budget_s=3", "--train.max_steps=1000000", "--train.eval_iters=100000", "--train.eval_interval=1000000", "--train.eval_at_start=false"]
+    out = run_script("pretrain.py", *smoke_args(tmp_path, shakespeare, "run", *extra))
+    assert out.returncode == 0, out.stderr
+    line = next(line for line in out.stderr.splitlines() if "evaluation of train.eval_iters=100000" in line)
+    n = int(line.split("evaluating ")[1].split()[0])
+    assert 1 <= n < 100000 and line.startswith("warning: 1 evaluation of")
+    assert [r["step"] for r in metrics(tmp_path / "run") if "val_loss" in r] == [json.loads((tmp_path / "run" / "summary.json").read_text())["steps"]]
 
 
 def test_lr_schedule_warmup_then_cosine():
