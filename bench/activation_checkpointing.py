@@ -42,7 +42,9 @@ def measure(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    cfg = GPTConfig(vocab_size=65, block_size=args.block, n_layer=args.layers, n_head=args.heads, n_embd=args.embd, dropout=0.0)
+    cfg = GPTConfig(
+        vocab_size=65, block_size=args.block, n_layer=args.layers, n_head=args.heads, n_embd=args.embd, dropout=0.0
+    )
     model = GPT(cfg).to(device)
     checkpoint_blocks(model, args.child)
     opt = make_optimizer(model, TrainConfig())
@@ -94,11 +96,19 @@ def main() -> None:
     )
     rows = []
     for setting in SETTINGS:
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", setting], env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], "--child", setting],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rows.append((setting, json.loads(out.stdout.strip().splitlines()[-1])))
     none_act = rows[0][1]["peak"] - rows[0][1]["base"]
     what = "max allocated" if args.device.startswith("cuda") else "peak RSS"
-    print(f"\n| train.activation_checkpointing | {what} MiB | above weights + grads + AdamW, MiB | vs none | step s (min) | step s (median) |")
+    print(
+        f"\n| train.activation_checkpointing | {what} MiB | above weights + grads + AdamW, MiB | vs none | step s (min) | step s (median) |"
+    )
     print("|---|---|---|---|---|---|")
     for setting, r in rows:
         act = r["peak"] - r["base"]

@@ -10,7 +10,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = {"gelu tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu exact": F.gelu, "relu^2": lambda x: F.relu(x).square()}
+ACTIVATIONS = {
+    "gelu tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu exact": F.gelu,
+    "relu^2": lambda x: F.relu(x).square(),
+}
 
 
 def main() -> None:

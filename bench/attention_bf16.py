@@ -59,7 +59,17 @@ def build(args: argparse.Namespace, impl: str) -> tuple[nn.Module, Callable[[], 
         layer = Layer(args.C, args.H, attend_sdpa if impl == "sdpa" else attend_matmul)
         x = torch.randn(args.B, args.T, args.C, requires_grad=True)
         return layer, lambda: layer(x).float().square().mean()
-    model = GPT(GPTConfig(vocab_size=65, block_size=args.T, n_layer=args.layers, n_head=args.H, n_embd=args.C, dropout=args.dropout, attn_impl=impl))
+    model = GPT(
+        GPTConfig(
+            vocab_size=65,
+            block_size=args.T,
+            n_layer=args.layers,
+            n_head=args.H,
+            n_embd=args.C,
+            dropout=args.dropout,
+            attn_impl=impl,
+        )
+    )
     idx = torch.randint(0, 65, (args.B, args.T + 1))
     return model, lambda: model(idx[:, :-1], idx[:, 1:])[1]
 
@@ -81,8 +91,12 @@ def main() -> None:
     p.add_argument("--T", type=int, default=64)
     p.add_argument("--C", type=int, default=128)
     p.add_argument("--H", type=int, default=4)
-    p.add_argument("--layers", type=int, default=0, help="time the whole GPT with this many blocks instead of one attention layer")
-    p.add_argument("--dropout", type=float, default=0.0, help="the GPT's dropout (--layers only; the lecture model has 0.2)")
+    p.add_argument(
+        "--layers", type=int, default=0, help="time the whole GPT with this many blocks instead of one attention layer"
+    )
+    p.add_argument(
+        "--dropout", type=float, default=0.0, help="the GPT's dropout (--layers only; the lecture model has 0.2)"
+    )
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rounds", type=int, default=7, help="timed rounds per variant (default: 7)")
     p.add_argument("--iters", type=int, default=10, help="forward+backward passes per round (default: 10)")
@@ -105,14 +119,22 @@ def main() -> None:
             torch.set_num_threads(threads)
             times[(threads, impl, bf16)].append(step_ms(forwards[impl][1], bf16, args.iters))
 
-    what = f"GPT {args.layers} x {args.H} x {args.C}, dropout {args.dropout}" if args.layers else f"one attention layer C={args.C} H={args.H}"
-    print(f"torch {torch.__version__}, {what}, B={args.B} T={args.T}, {args.rounds} rounds x {args.iters} fwd+bwd, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, load {os.getloadavg()[0]:.2f}")
+    what = (
+        f"GPT {args.layers} x {args.H} x {args.C}, dropout {args.dropout}"
+        if args.layers
+        else f"one attention layer C={args.C} H={args.H}"
+    )
+    print(
+        f"torch {torch.__version__}, {what}, B={args.B} T={args.T}, {args.rounds} rounds x {args.iters} fwd+bwd, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, load {os.getloadavg()[0]:.2f}"
+    )
     print(f"|loss(sdpa) - loss(matmul)| (fp32): {err:.1e}\n")
     print("| threads | attention | precision | min ms | median ms | vs fp32 sdpa (min) |")
     print("|---|---|---|---|---|---|")
     for threads, impl, bf16 in variants:
         ts, base = times[(threads, impl, bf16)], min(times[(threads, "sdpa", False)])
-        print(f"| {threads} | {impl} | {'bf16' if bf16 else 'fp32'} | {min(ts):.2f} | {statistics.median(ts):.2f} | {base / min(ts):.2f}x |")
+        print(
+            f"| {threads} | {impl} | {'bf16' if bf16 else 'fp32'} | {min(ts):.2f} | {statistics.median(ts):.2f} | {base / min(ts):.2f}x |"
+        )
 
 
 if __name__ == "__main__":

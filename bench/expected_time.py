@@ -47,7 +47,9 @@ def main() -> None:
     args = parser.parse_args()
     per_token, _ = flops_per_token(args.configs[0])
     implied = 10e9 * per_token / (45 * 60 * 8 * PEAK_BF16_FLOPS["H100"])
-    print(f"llm.c's 45 min for 10B tokens on 8 x H100 implies MFU {implied:.2f} at {per_token / 1e6:.0f} MFLOPs per token ({args.configs[0]})\n")
+    print(
+        f"llm.c's 45 min for 10B tokens on 8 x H100 implies MFU {implied:.2f} at {per_token / 1e6:.0f} MFLOPs per token ({args.configs[0]})\n"
+    )
     print(f"| config | tokens | FLOPs/token | {' | '.join(f'{n} x {d}' for d in DEVICES for n in GPUS)} |")
     print("|---|---:|---:|" + "---:|" * (len(GPUS) * len(DEVICES)))
     for config in args.configs:

@@ -58,7 +58,18 @@ def evaluate(run_dir: Path, data_dir: Path) -> float:
 
 def sample(run_dir: Path, chat: bool, tokens: int) -> str:
     prompt = SFT_PROMPT if chat else TEXT_PROMPT
-    args = ["--run", str(run_dir), "--prompt", prompt, "--max_new_tokens", str(tokens), "--temperature", "0.8", "--seed", "1337"]
+    args = [
+        "--run",
+        str(run_dir),
+        "--prompt",
+        prompt,
+        "--max_new_tokens",
+        str(tokens),
+        "--temperature",
+        "0.8",
+        "--seed",
+        "1337",
+    ]
     return run("sample.py", *args, *(["--chat"] if chat else [])).stdout.rstrip("\n")
 
 
@@ -78,10 +89,22 @@ def scratch(parent_dir: Path, data_dir: Path, out: Path, finetune_config: Path, 
     ft = yaml.safe_load(finetune_config.read_text())
     parent = load_run(parent_dir)
     t = ft["train"]
-    same = [f"--train.{k}={t[k]}" for k in ("batch_size", "eval_interval", "eval_iters", "log_interval", "sample_prompt", "sample_tokens")]
+    same = [
+        f"--train.{k}={t[k]}"
+        for k in ("batch_size", "eval_interval", "eval_iters", "log_interval", "sample_prompt", "sample_tokens")
+    ]
     cfg = load_config(
         str(REPO / "configs" / "shakespeare_char_cpu.yaml"),
-        [f"--run.out_dir={out}", f"--data.dir={data_dir}", f"--data.name={data_dir.name}", f"--data.source={SONNETS}", "--data.unknown=drop", f"--train.time_budget_s={budget}", *same, *QUIET],
+        [
+            f"--run.out_dir={out}",
+            f"--data.dir={data_dir}",
+            f"--data.name={data_dir.name}",
+            f"--data.source={SONNETS}",
+            "--data.unknown=drop",
+            f"--train.time_budget_s={budget}",
+            *same,
+            *QUIET,
+        ],
         "pretrain",
     )
     cfg.model = parent.config.model
@@ -92,13 +115,33 @@ def scratch(parent_dir: Path, data_dir: Path, out: Path, finetune_config: Path, 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parent", type=Path, help="an existing shakespeare_char_cpu run directory (default: pretrain one into OUT/parent)")
-    p.add_argument("--out", type=Path, default=Path("/tmp/finetune_sonnets_bench"), help="where the runs and the report go (default: %(default)s)")
-    p.add_argument("--budget", type=float, default=0.0, help="seconds per finetune and for the baseline (default: the configs' train.time_budget_s)")
-    p.add_argument("--quick", action="store_true", help="a smoke parent and 3 s budgets: checks the plumbing, measures nothing")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--parent",
+        type=Path,
+        help="an existing shakespeare_char_cpu run directory (default: pretrain one into OUT/parent)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("/tmp/finetune_sonnets_bench"),
+        help="where the runs and the report go (default: %(default)s)",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=0.0,
+        help="seconds per finetune and for the baseline (default: the configs' train.time_budget_s)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a smoke parent and 3 s budgets: checks the plumbing, measures nothing"
+    )
     p.add_argument("--no_lora", action="store_true", help="skip the LoRA SFT run")
-    p.add_argument("--scratch", nargs=3, metavar=("PARENT", "DATA_DIR", "OUT"), help=argparse.SUPPRESS)  # the baseline, run in its own process
+    p.add_argument(
+        "--scratch", nargs=3, metavar=("PARENT", "DATA_DIR", "OUT"), help=argparse.SUPPRESS
+    )  # the baseline, run in its own process
     args = p.parse_args()
     text_cfg, sft_cfg = REPO / "configs" / "finetune_sonnets.yaml", REPO / "configs" / "sft_sonnets.yaml"
     budget = args.budget or (3.0 if args.quick else 0.0)
@@ -106,7 +149,9 @@ def main() -> None:
         import yaml
 
         parent, data_dir, out = map(Path, args.scratch)
-        scratch(parent, data_dir, out, text_cfg, budget or yaml.safe_load(text_cfg.read_text())["train"]["time_budget_s"])
+        scratch(
+            parent, data_dir, out, text_cfg, budget or yaml.safe_load(text_cfg.read_text())["train"]["time_budget_s"]
+        )
         return
 
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
@@ -119,27 +164,79 @@ def main() -> None:
 
     parent = args.parent.resolve() if args.parent else out / "parent"
     if not args.parent:
-        config = ["--config", "configs/smoke.yaml", "--model.block_size=96"] if args.quick else ["--config", "configs/shakespeare_char_cpu.yaml"]
-        run("pretrain.py", *config, f"--data.source={SHAKESPEARE}", f"--data.dir={out / 'data_shakespeare'}", f"--run.out_dir={parent}", *QUIET)
+        config = (
+            ["--config", "configs/smoke.yaml", "--model.block_size=96"]
+            if args.quick
+            else ["--config", "configs/shakespeare_char_cpu.yaml"]
+        )
+        run(
+            "pretrain.py",
+            *config,
+            f"--data.source={SHAKESPEARE}",
+            f"--data.dir={out / 'data_shakespeare'}",
+            f"--run.out_dir={parent}",
+            *QUIET,
+        )
     text_data, sft_data = out / "data_sonnets", out / "data_sonnets_sft"
     common = [f"--finetune.init_from={parent}", f"--data.source={SONNETS}", *timing, *QUIET]
 
     started = time.time()
-    ft_text = run("finetune.py", "--config", str(text_cfg), *common, f"--data.dir={text_data}", f"--run.out_dir={out / 'text'}")
+    ft_text = run(
+        "finetune.py", "--config", str(text_cfg), *common, f"--data.dir={text_data}", f"--run.out_dir={out / 'text'}"
+    )
     dropped = next((line for line in ft_text.stderr.splitlines() if "outside the vocabulary" in line), "")
-    run(str(Path(__file__).resolve()), "--scratch", str(parent), str(text_data), str(out / "scratch"), *(["--budget", str(budget)] if budget else []))
+    run(
+        str(Path(__file__).resolve()),
+        "--scratch",
+        str(parent),
+        str(text_data),
+        str(out / "scratch"),
+        *(["--budget", str(budget)] if budget else []),
+    )
     run("finetune.py", "--config", str(sft_cfg), *common, f"--data.dir={sft_data}", f"--run.out_dir={out / 'sft'}")
     if not args.no_lora:
-        run("finetune.py", "--config", str(sft_cfg), *common, "--finetune.lora_rank=8", "--train.lr=1e-3", "--train.max_steps=10", f"--data.dir={sft_data}", f"--run.out_dir={out / 'sft_lora'}")
+        run(
+            "finetune.py",
+            "--config",
+            str(sft_cfg),
+            *common,
+            "--finetune.lora_rank=8",
+            "--train.lr=1e-3",
+            "--train.max_steps=10",
+            f"--data.dir={sft_data}",
+            f"--run.out_dir={out / 'sft_lora'}",
+        )
 
-    text_rows = [("pretrained parent (Tiny Shakespeare only)", parent), ("text finetune of the parent", out / "text"), ("same model, Sonnets only, from scratch", out / "scratch")]
-    sft_rows = [("pretrained parent", parent), ("SFT, all weights", out / "sft")] + ([] if args.no_lora else [("SFT, LoRA rank 8", out / "sft_lora")])
+    text_rows = [
+        ("pretrained parent (Tiny Shakespeare only)", parent),
+        ("text finetune of the parent", out / "text"),
+        ("same model, Sonnets only, from scratch", out / "scratch"),
+    ]
+    sft_rows = [("pretrained parent", parent), ("SFT, all weights", out / "sft")] + (
+        [] if args.no_lora else [("SFT, LoRA rank 8", out / "sft_lora")]
+    )
     results = {
         "load_average_at_start": load,
         "wall_s": round(time.time() - started, 1),
         "unknown_characters": dropped,
-        "text": [{"run": name, "dir": str(d), "val_loss": evaluate(d, text_data), "train_s": summary(d)["wall_s"] if d != parent else None} for name, d in text_rows],
-        "sft": [{"run": name, "dir": str(d), "val_loss": evaluate(d, sft_data), "train_s": summary(d)["wall_s"] if d != parent else None} for name, d in sft_rows],
+        "text": [
+            {
+                "run": name,
+                "dir": str(d),
+                "val_loss": evaluate(d, text_data),
+                "train_s": summary(d)["wall_s"] if d != parent else None,
+            }
+            for name, d in text_rows
+        ],
+        "sft": [
+            {
+                "run": name,
+                "dir": str(d),
+                "val_loss": evaluate(d, sft_data),
+                "train_s": summary(d)["wall_s"] if d != parent else None,
+            }
+            for name, d in sft_rows
+        ],
         "samples": {name: sample(d, chat=False, tokens=sample_tokens) for name, d in text_rows}
         | {f"{name} (--chat)": sample(d, chat=True, tokens=sample_tokens) for name, d in sft_rows},
     }

@@ -70,10 +70,23 @@ class Sizes:
 
 
 # Dry runs train in fp32 (a later key wins): bf16 autocast on a CPU without bf16 instructions is emulated (20 s a GPT-2 step)
-TINY = ("--model.n_layer=2", "--model.n_head=2", "--model.n_embd=64", "--model.block_size=64", "--train.batch_size=8", "--train.mixed_precision=no")
+TINY = (
+    "--model.n_layer=2",
+    "--model.n_head=2",
+    "--model.n_embd=64",
+    "--model.block_size=64",
+    "--train.batch_size=8",
+    "--train.mixed_precision=no",
+)
 GPU_SIZES = Sizes(
     lecture=(),
-    short=("--train.max_steps=300", "--train.eval_interval=100", "--train.eval_iters=50", "--train.checkpoint_interval=100", "--train.sample_tokens=0"),
+    short=(
+        "--train.max_steps=300",
+        "--train.eval_interval=100",
+        "--train.eval_iters=50",
+        "--train.checkpoint_interval=100",
+        "--train.sample_tokens=0",
+    ),
     gpt2=(),
     gpt2_steps={"true": 12, "false": 6},
     gpt2_skip=2,
@@ -327,7 +340,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pretrain(ctx: Ctx, run: str, config: str, *args: str, log: str = "", fresh: bool = True, launcher: tuple[str, ...] = ()) -> Proc:
+def pretrain(
+    ctx: Ctx, run: str, config: str, *args: str, log: str = "", fresh: bool = True, launcher: tuple[str, ...] = ()
+) -> Proc:
     """launch/pretrain.py (or through `launcher`) into WORK/run; `fresh` deletes an old run directory first."""
     run_dir = ctx.work / run
     if fresh:
@@ -373,7 +388,9 @@ def summary(run_dir: Path) -> dict[str, Any]:
 
 def checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints (a folder appears only when its save finished), oldest first."""
-    return sorted((p for p in run_dir.glob("checkpoints/step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+    return sorted(
+        (p for p in run_dir.glob("checkpoints/step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:])
+    )
 
 
 def final_val(run_dir: Path) -> float:
@@ -460,7 +477,9 @@ def check_compile_smoke(ctx: Ctx, row: Row) -> None:
     try:
         info = probe(ctx, "compile_smoke", "compile", "--device", ctx.device, "--backend", backend, "--limit", "20")
         if not info["matches_eager"]:
-            raise Failed(f"the compiled MLP differs from eager (loss diff {info['loss_diff']:.2e}, grad diff {info['grad_diff']:.2e})")
+            raise Failed(
+                f"the compiled MLP differs from eager (loss diff {info['loss_diff']:.2e}, grad diff {info['grad_diff']:.2e})"
+            )
     except (Failed, CheckTimeout):
         if not ctx.dry:
             ctx.compile, ctx.compile_note = "false", "eager: the compile smoke test failed"
@@ -480,7 +499,15 @@ def check_lecture(ctx: Ctx, row: Row) -> None:
     (step x the steady time per step, from the logged tokens/s); the 60 s target is judged on the steps alone.
     A run that fails or times out still reports what its metrics.jsonl holds."""
     s = ctx.sizes
-    p = pretrain(ctx, "lecture", LECTURE, *ctx.lecture_data(), "--train.mixed_precision=bf16", f"--train.compile={ctx.compile}", *s.lecture)
+    p = pretrain(
+        ctx,
+        "lecture",
+        LECTURE,
+        *ctx.lecture_data(),
+        "--train.mixed_precision=bf16",
+        f"--train.compile={ctx.compile}",
+        *s.lecture,
+    )
     try:
         finish(ctx, p, "lecture", row)
     finally:
@@ -494,7 +521,9 @@ def check_lecture(ctx: Ctx, row: Row) -> None:
         return
     hit = n["val<=1.47"]
     met = hit is not None and hit["steps_only_s"] is not None and hit["steps_only_s"] <= 60
-    row.target = f"{'met' if met else 'missed'}: val <= 1.47 within 60 s of training steps" + (f" ({hit['steps_only_s']:.1f} s)" if hit else "")
+    row.target = f"{'met' if met else 'missed'}: val <= 1.47 within 60 s of training steps" + (
+        f" ({hit['steps_only_s']:.1f} s)" if hit else ""
+    )
     if n["steps"] != 5000 or n["best_val"] > s.lecture_best_max:
         raise Failed(f"expected 5000 steps and best val <= {s.lecture_best_max}")
 
@@ -523,7 +552,13 @@ def report_lecture(ctx: Ctx, row: Row, p: Proc) -> None:
         "peak_alloc_gib": float(peak[1]) if peak else None,
         "peak_reserved_gib": float(peak[2]) if peak else None,
         **{
-            f"val<={thr}": {"step": r["step"], "elapsed_s": r["elapsed_s"], "steps_only_s": r["step"] * step_s if step_s else None} if r else None
+            f"val<={thr}": {
+                "step": r["step"],
+                "elapsed_s": r["elapsed_s"],
+                "steps_only_s": r["step"] * step_s if step_s else None,
+            }
+            if r
+            else None
             for thr, r in hits.items()
         },
     }
@@ -554,7 +589,9 @@ def lecture_run(ctx: Ctx, row: Row) -> Path:
         raise Failed("no lecture run to use: the lecture check wrote no model.safetensors")
     lecture = ctx.rows.get(("part1", "lecture"))
     if lecture and lecture.status != "PASS":
-        row.add(f"on the model of the lecture run's last checkpoint (step {summary(run_dir).get('steps')}; the lecture check ended {lecture.status})")
+        row.add(
+            f"on the model of the lecture run's last checkpoint (step {summary(run_dir).get('steps')}; the lecture check ended {lecture.status})"
+        )
     return run_dir
 
 
@@ -586,7 +623,19 @@ def check_lecture_sample(ctx: Ctx, row: Row) -> None:
         p = Proc(
             ctx,
             f"sample_cache_{cache}",
-            [sys.executable, "launch/sample.py", "--run", str(run_dir), "--device", ctx.device, "--prompt", "\n", "--max_new_tokens", str(n), *flags],
+            [
+                sys.executable,
+                "launch/sample.py",
+                "--run",
+                str(run_dir),
+                "--device",
+                ctx.device,
+                "--prompt",
+                "\n",
+                "--max_new_tokens",
+                str(n),
+                *flags,
+            ],
         )
         row.logs.append(p.log.name)
         if (rc := p.wait(ctx)) != 0:
@@ -595,7 +644,12 @@ def check_lecture_sample(ctx: Ctx, row: Row) -> None:
         if not m or int(m[1]) != n or m[4] != cache:
             raise Failed(f"sample.py (KV cache {cache}) did not report {n} tokens with the cache {cache}")
         texts[cache], rates[cache] = p.output(), float(m[3])
-    row.numbers = {"tokens": n, "tokens_per_s_cache": rates["on"], "tokens_per_s_no_cache": rates["off"], "same_text": texts["on"] == texts["off"]}
+    row.numbers = {
+        "tokens": n,
+        "tokens_per_s_cache": rates["on"],
+        "tokens_per_s_no_cache": rates["off"],
+        "same_text": texts["on"] == texts["off"],
+    }
     row.add(
         f"--device {ctx.device}, {n} tokens: {rates['on']:,.0f} tokens/s with the KV cache, {rates['off']:,.0f} without "
         f"({rates['on'] / rates['off']:.1f}x); same text both ways: {texts['on'] == texts['off']}"
@@ -604,7 +658,9 @@ def check_lecture_sample(ctx: Ctx, row: Row) -> None:
 
 def check_lecture_evaluate(ctx: Ctx, row: Row) -> None:
     run_dir = lecture_run(ctx, row)
-    p = Proc(ctx, "evaluate", [sys.executable, "launch/evaluate.py", "--run", str(run_dir), "--device", ctx.device, "--json"])
+    p = Proc(
+        ctx, "evaluate", [sys.executable, "launch/evaluate.py", "--run", str(run_dir), "--device", ctx.device, "--json"]
+    )
     row.logs.append(p.log.name)
     if (rc := p.wait(ctx)) != 0:
         raise Failed(f"evaluate.py exited {rc}: {p.error_line()}")
@@ -643,7 +699,12 @@ def check_resume_compile(ctx: Ctx, row: Row) -> None:
     val = {name: final_val(ctx.work / f"resume_{name}") for name in "abc"}
     noise, diff = abs(val["b"] - val["a"]), abs(val["c"] - val["a"])
     tol = max(3 * noise, ctx.sizes.resume_tol)
-    train = {name: {r["step"]: r["train_loss"] for r in metrics(ctx.work / f"resume_{name}") if r.get("train_loss") is not None} for name in "abc"}
+    train = {
+        name: {
+            r["step"]: r["train_loss"] for r in metrics(ctx.work / f"resume_{name}") if r.get("train_loss") is not None
+        }
+        for name in "abc"
+    }
     after = [step for step in train["a"] if step > start and step in train["b"] and step in train["c"]]
     c_steps = [r["step"] for r in metrics(ctx.work / "resume_c")]
     row.numbers = {"killed_after": killed_at, "resumed_from": start, "val": val, "noise": noise, "diff": diff, "tolerance": tol,
@@ -669,7 +730,11 @@ def check_gpt2(ctx: Ctx, row: Row, compile: str) -> None:
     if compile == "true" and ctx.compile == "false" and not ctx.dry:
         raise Skipped("the compile smoke test failed; gpt2_eager measures the eager model")
     flag = "false" if ctx.dry else compile
-    run, steps, skip = f"gpt2_{'compile' if compile == 'true' else 'eager'}", ctx.sizes.gpt2_steps[compile], ctx.sizes.gpt2_skip
+    run, steps, skip = (
+        f"gpt2_{'compile' if compile == 'true' else 'eager'}",
+        ctx.sizes.gpt2_steps[compile],
+        ctx.sizes.gpt2_skip,
+    )
     p = pretrain(ctx, run, GPT2, *ctx.random_data(), "--train.mixed_precision=bf16", f"--train.compile={flag}", "--train.eval_at_start=false",
                  "--train.eval_iters=1", "--train.log_interval=1", "--train.checkpoint_interval=1000000", "--train.sample_tokens=0",
                  "--train.max_steps=100000", *ctx.sizes.gpt2)  # fmt: skip
@@ -717,7 +782,15 @@ def check_fsdp(ctx: Ctx, row: Row) -> None:
     seed2 = pretrain(ctx, "fsdp_plain_seed2", LECTURE, *args, f"--train.compile={ctx.compile}", "--run.seed=1338")
     compile, compile_failed = ctx.compile, False
     while True:
-        first = pretrain(ctx, "fsdp", LECTURE, *args, f"--train.compile={compile}", log=f"fsdp_killed_compile_{compile}", launcher=fsdp_launcher())
+        first = pretrain(
+            ctx,
+            "fsdp",
+            LECTURE,
+            *args,
+            f"--train.compile={compile}",
+            log=f"fsdp_killed_compile_{compile}",
+            launcher=fsdp_launcher(),
+        )
         try:
             killed_at = kill_after_first_checkpoint(ctx, first, "fsdp", row)
             break
@@ -726,13 +799,26 @@ def check_fsdp(ctx: Ctx, row: Row) -> None:
                 raise
             row.add(f"with compile on: {e}; retried eager")  # FSDP itself may still work: worth the time on a GPU
             compile, compile_failed = "false", True
-    second = pretrain(ctx, "fsdp", LECTURE, *args, f"--train.compile={compile}", log=f"fsdp_rerun_compile_{compile}", fresh=False, launcher=fsdp_launcher())
+    second = pretrain(
+        ctx,
+        "fsdp",
+        LECTURE,
+        *args,
+        f"--train.compile={compile}",
+        log=f"fsdp_rerun_compile_{compile}",
+        fresh=False,
+        launcher=fsdp_launcher(),
+    )
     for proc, run in ((plain, "fsdp_plain"), (seed2, "fsdp_plain_seed2"), (second, "fsdp")):
         finish(ctx, proc, run, row)
     start = resumed_from(second.text())
     head = header(second.text())
     loaded = probe(ctx, "fsdp_load", "load", str(ctx.work / "fsdp"), "--device", ctx.device)
-    val = {"fsdp": final_val(ctx.work / "fsdp"), "plain": final_val(ctx.work / "fsdp_plain"), "seed2": final_val(ctx.work / "fsdp_plain_seed2")}
+    val = {
+        "fsdp": final_val(ctx.work / "fsdp"),
+        "plain": final_val(ctx.work / "fsdp_plain"),
+        "seed2": final_val(ctx.work / "fsdp_plain_seed2"),
+    }
     noise, diff = abs(val["seed2"] - val["plain"]), abs(val["fsdp"] - val["plain"])
     tol = max(3 * noise, ctx.sizes.fsdp_tol)
     strict = all(f["strict"] and not f["wrapper_keys"] for f in loaded["files"].values())
@@ -752,7 +838,9 @@ def check_fsdp(ctx: Ctx, row: Row) -> None:
     )
     fell_back = "FSDP was requested" in second.text()
     if ctx.dry:
-        row.add("dry run: Accelerate's FSDP needs CUDA; the trainer warned that it fell back" if fell_back else "dry run")
+        row.add(
+            "dry run: Accelerate's FSDP needs CUDA; the trainer warned that it fell back" if fell_back else "dry run"
+        )
     elif "(FSDP," not in head:
         raise Failed("the run did not train under FSDP (see its 'world size' line)")
     if start is None:
@@ -768,7 +856,10 @@ def check_fsdp(ctx: Ctx, row: Row) -> None:
 def check_fp16_vs_bf16(ctx: Ctx, row: Row) -> None:
     """fp16 autocast with loss scaling against bf16, eager (compile is covered by the other checks), side by side."""
     args = (*ctx.lecture_data(), "--train.compile=false", *ctx.sizes.short)
-    procs = {prec: pretrain(ctx, f"precision_{prec}", LECTURE, *args, f"--train.mixed_precision={prec}") for prec in ("bf16", "fp16")}
+    procs = {
+        prec: pretrain(ctx, f"precision_{prec}", LECTURE, *args, f"--train.mixed_precision={prec}")
+        for prec in ("bf16", "fp16")
+    }
     for prec, proc in procs.items():
         finish(ctx, proc, f"precision_{prec}", row)
     val = {prec: final_val(ctx.work / f"precision_{prec}") for prec in procs}
@@ -803,8 +894,16 @@ CHECKS: dict[str, list[tuple[str, str, Callable[[Ctx, Row], None]]]] = {
     "part2": [
         ("env", "environment", check_env),
         ("compile_smoke", "torch.compile smoke test (20 s)", check_compile_smoke),
-        ("gpt2_compile", "GPT-2 124M, bf16, 2^19 tokens/step, compile on", lambda ctx, row: check_gpt2(ctx, row, "true")),
-        ("gpt2_eager", "GPT-2 124M, bf16, 2^19 tokens/step, compile off", lambda ctx, row: check_gpt2(ctx, row, "false")),
+        (
+            "gpt2_compile",
+            "GPT-2 124M, bf16, 2^19 tokens/step, compile on",
+            lambda ctx, row: check_gpt2(ctx, row, "true"),
+        ),
+        (
+            "gpt2_eager",
+            "GPT-2 124M, bf16, 2^19 tokens/step, compile off",
+            lambda ctx, row: check_gpt2(ctx, row, "false"),
+        ),
         ("fsdp", "FSDP2 (accelerate, 1 process): checkpoint, resume, plain load", check_fsdp),
         ("fp16_vs_bf16", "fp16 + loss scaling vs bf16 (lecture model)", check_fp16_vs_bf16),
     ],
@@ -816,7 +915,9 @@ CHECKS: dict[str, list[tuple[str, str, Callable[[Ctx, Row], None]]]] = {
 
 def git_describe() -> str:
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() or "n/a (no git)"
     except (OSError, subprocess.TimeoutExpired):
         return "n/a (no git)"
@@ -825,14 +926,21 @@ def git_describe() -> str:
 def write_results(ctx: Ctx) -> None:
     """OUT/gpu_results.json and .md from every row (this part's and any other part's already there), atomically."""
     rows = sorted(ctx.rows.values(), key=order)
-    doc = {"mode": "dry-run" if ctx.dry else "gpu", "written": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "rows": [asdict(r) for r in rows]}
+    doc = {
+        "mode": "dry-run" if ctx.dry else "gpu",
+        "written": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "rows": [asdict(r) for r in rows],
+    }
     atomic_write(ctx.out / f"{RESULTS}.json", json.dumps(doc, indent=1, default=str) + "\n")
     atomic_write(ctx.out / f"{RESULTS}.md", markdown(doc))
 
 
 def order(row: Row) -> tuple[int, int]:
     names = [name for name, _, _ in CHECKS[row.part]] if row.part in CHECKS else []
-    return (sorted(CHECKS).index(row.part) if row.part in CHECKS else 9, names.index(row.check) if row.check in names else 99)
+    return (
+        sorted(CHECKS).index(row.part) if row.part in CHECKS else 9,
+        names.index(row.check) if row.check in names else 99,
+    )
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -850,7 +958,9 @@ def markdown(doc: dict[str, Any]) -> str:
     ]
     for r in doc["rows"]:
         seconds = "" if r["seconds"] is None else f"{r['seconds']:.0f}"
-        lines.append(f"| {r['part']} | {r['check']} ({cell(r['title'])}) | **{r['status']}** | {cell(r['target'])} | {cell(r['summary'])} | {seconds} |")
+        lines.append(
+            f"| {r['part']} | {r['check']} ({cell(r['title'])}) | **{r['status']}** | {cell(r['target'])} | {cell(r['summary'])} | {seconds} |"
+        )
     lines += [
         "",
         "RUNNING: the command ended during that check (killed or out of time); NOT RUN: it never started. Logs: logs/PART/NAME.log "
@@ -909,7 +1019,9 @@ def run_check(ctx: Ctx, row: Row, fn: Callable[[Ctx, Row], None], part_deadline:
         row.status = "FAIL"
         row.add("the command was stopped (SIGTERM/SIGINT) during this check")
         raise
-    except Exception as e:  # a bug in the check itself, or output it did not expect: still a row, and the next check runs
+    except (
+        Exception
+    ) as e:  # a bug in the check itself, or output it did not expect: still a row, and the next check runs
         row.status = "FAIL"
         row.add(f"the check itself failed: {type(e).__name__}: {e}")
         (ctx.out / "logs" / row.part).mkdir(parents=True, exist_ok=True)
@@ -935,7 +1047,10 @@ def run_part(ctx: Ctx, part: str, budget: float, only: list[str]) -> int:
     if missing or not (ctx.data / "input.txt").is_file():
         for name in only or names:
             row = ctx.rows[(part, name)]
-            row.status, row.summary = "FAIL", f"{ctx.data} is not prepared: run `bench/gpu.sh prepare` where `datasets` is installed, and carry {ctx.data}"
+            row.status, row.summary = (
+                "FAIL",
+                f"{ctx.data} is not prepared: run `bench/gpu.sh prepare` where `datasets` is installed, and carry {ctx.data}",
+            )
         write_results(ctx)
         return 2
 
@@ -977,17 +1092,25 @@ def prepare(ctx: Ctx, source: Path) -> int:
     write_random_corpus(ctx.data / "random.txt", ctx.sizes.random_chars)
     for config, data in ((LECTURE, ctx.lecture_data()), (GPT2, ctx.random_data())):
         cmd = [sys.executable, "launch/prepare.py", "--config", config, *data]
-        if subprocess.run(cmd, cwd=REPO, env=subprocess_env(dry=False)).returncode != 0:  # needs `datasets`: no blocker here
+        if (
+            subprocess.run(cmd, cwd=REPO, env=subprocess_env(dry=False)).returncode != 0
+        ):  # needs `datasets`: no blocker here
             print(f"error: {' '.join(cmd)} failed (see above)", file=sys.stderr)
             return 1
-    size = sum(f.stat().st_size for f in ctx.data.rglob("*") if f.is_file() and ctx.out not in f.parents and ctx.work not in f.parents)
+    size = sum(
+        f.stat().st_size
+        for f in ctx.data.rglob("*")
+        if f.is_file() and ctx.out not in f.parents and ctx.work not in f.parents
+    )
     print(f"prepared {ctx.data}: {size / 2**20:.1f} MiB to carry", file=sys.stderr)
     return 0
 
 
 def subprocess_env(dry: bool) -> dict[str, str]:
     env = dict(os.environ)
-    path = [str(REPO / "bench" / "gpu_nodeps")] if dry else []  # dry run: `datasets` and `wandb` unimportable, as on the GPU machine
+    path = (
+        [str(REPO / "bench" / "gpu_nodeps")] if dry else []
+    )  # dry run: `datasets` and `wandb` unimportable, as on the GPU machine
     env.update(
         PYTHONPATH=os.pathsep.join([*path, str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
         WANDB_MODE="disabled",
@@ -1005,19 +1128,39 @@ def subprocess_env(dry: bool) -> dict[str, str]:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="bench/gpu_checks.py", description=__doc__.split("\n\n")[0])
     p.add_argument("stage", choices=("prepare", "part1", "part2"))
-    p.add_argument("--data", type=Path, required=True, help="the prepared folder (prepare writes it; the parts read it)")
-    p.add_argument("--out", type=Path, default=None, help="where the results table, logs and run files go (default DATA/results)")
+    p.add_argument(
+        "--data", type=Path, required=True, help="the prepared folder (prepare writes it; the parts read it)"
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="where the results table, logs and run files go (default DATA/results)"
+    )
     p.add_argument("--work", type=Path, default=None, help="run directories (default DATA/work)")
     shared = Path(os.environ.get("DIST_GPT_SHARED", REPO.parent / "shared"))
-    p.add_argument("--source", type=Path, default=shared / "data" / "tinyshakespeare" / "input.txt", help="Tiny Shakespeare's input.txt (prepare)")
+    p.add_argument(
+        "--source",
+        type=Path,
+        default=shared / "data" / "tinyshakespeare" / "input.txt",
+        help="Tiny Shakespeare's input.txt (prepare)",
+    )
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU")
-    p.add_argument("--budget", type=float, default=None, help="seconds a part may take (default: 350 on a GPU, 900 in a dry run)")
-    p.add_argument("--only", default="", metavar="CHECK,...", help="run only these checks of the part (e.g. to rerun one); other rows stay")
+    p.add_argument(
+        "--budget", type=float, default=None, help="seconds a part may take (default: 350 on a GPU, 900 in a dry run)"
+    )
+    p.add_argument(
+        "--only",
+        default="",
+        metavar="CHECK,...",
+        help="run only these checks of the part (e.g. to rerun one); other rows stay",
+    )
     args = p.parse_args(argv)
     sizes = DRY_SIZES if args.dry_run else GPU_SIZES
     out, work = (args.out or args.data / "results").resolve(), (args.work or args.data / "work").resolve()
-    ctx = Ctx(data=args.data.resolve(), out=out, work=work, dry=args.dry_run, sizes=sizes, env=subprocess_env(args.dry_run))
-    ctx.compile = "false" if args.dry_run else os.environ.get("GPU_COMPILE", "true")  # GPU_COMPILE=false: every check eager
+    ctx = Ctx(
+        data=args.data.resolve(), out=out, work=work, dry=args.dry_run, sizes=sizes, env=subprocess_env(args.dry_run)
+    )
+    ctx.compile = (
+        "false" if args.dry_run else os.environ.get("GPU_COMPILE", "true")
+    )  # GPU_COMPILE=false: every check eager
     if args.stage == "prepare":
         return prepare(ctx, args.source)
     out.mkdir(parents=True, exist_ok=True)

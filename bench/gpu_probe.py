@@ -61,7 +61,12 @@ def probe_env() -> dict[str, Any]:
             "peak_bf16_flops": next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None),
         }
         try:
-            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+            smi = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
             info["driver"] = smi.stdout.split("\n")[0].strip() or None
         except (OSError, subprocess.TimeoutExpired):
             info["driver"] = None
@@ -92,8 +97,18 @@ def probe_compile(device: str, backend: str, limit: int) -> dict[str, Any]:
     signal.alarm(0)
     loss_diff = abs(loss.item() - eager_loss.item())
     grad_diff = (mlp[0].weight.grad - eager_grad).abs().max().item()
-    ok = torch.allclose(mlp[0].weight.grad, eager_grad, rtol=1e-3, atol=1e-5) and loss_diff <= 1e-3 * abs(eager_loss.item()) + 1e-6
-    return {"backend": backend, "device": device, "seconds": round(seconds, 2), "loss_diff": loss_diff, "grad_diff": grad_diff, "matches_eager": ok}
+    ok = (
+        torch.allclose(mlp[0].weight.grad, eager_grad, rtol=1e-3, atol=1e-5)
+        and loss_diff <= 1e-3 * abs(eager_loss.item()) + 1e-6
+    )
+    return {
+        "backend": backend,
+        "device": device,
+        "seconds": round(seconds, 2),
+        "loss_diff": loss_diff,
+        "grad_diff": grad_diff,
+        "matches_eager": ok,
+    }
 
 
 def probe_load(run_dir: Path, device: str) -> dict[str, Any]:
@@ -106,7 +121,9 @@ def probe_load(run_dir: Path, device: str) -> dict[str, Any]:
     run = load_run(run_dir, device=device)  # strict; a UserError (exit 2) says what does not match
     expected = set(GPT(run.config.model).state_dict())
     files = {"model.safetensors": run_dir / "model.safetensors"}
-    checkpoints = sorted((p for p in run_dir.glob("checkpoints/step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+    checkpoints = sorted(
+        (p for p in run_dir.glob("checkpoints/step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:])
+    )
     if checkpoints:
         files[f"checkpoints/{checkpoints[-1].name}/model.safetensors"] = checkpoints[-1] / "model.safetensors"
     report = {}
@@ -114,7 +131,9 @@ def probe_load(run_dir: Path, device: str) -> dict[str, Any]:
         state = load_weights(path)
         entry: dict[str, Any] = {
             "keys": len(state),
-            "wrapper_keys": sorted(k for k in state if k.split(".")[0] in ("_orig_mod", "module", "_fsdp_wrapped_module"))[:5],
+            "wrapper_keys": sorted(
+                k for k in state if k.split(".")[0] in ("_orig_mod", "module", "_fsdp_wrapped_module")
+            )[:5],
         }
         entry["missing"], entry["unexpected"] = sorted(expected - set(state))[:5], sorted(set(state) - expected)[:5]
         try:

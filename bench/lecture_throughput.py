@@ -66,7 +66,9 @@ def build(nanogpt: tuple[type, type]) -> dict[str, tuple[nn.Module, torch.optim.
 
     def ours(exact_gelu: bool = False, bias: bool = True) -> tuple[nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(0)
-        model = GPT(GPTConfig(**LECTURE, bias=bias, attn_impl="sdpa", activation="gelu_exact" if exact_gelu else "gelu"))
+        model = GPT(
+            GPTConfig(**LECTURE, bias=bias, attn_impl="sdpa", activation="gelu_exact" if exact_gelu else "gelu")
+        )
         return model, make_optimizer(model, TrainConfig(lr=1e-3, beta2=0.99, weight_decay=0.1))
 
     def theirs(bias: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -126,7 +128,9 @@ def main() -> None:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     models = build(import_nanogpt(Path(args.nanogpt)))
     gen = torch.Generator().manual_seed(0)
-    x, y = (torch.randint(0, LECTURE["vocab_size"], (args.batch, LECTURE["block_size"]), generator=gen) for _ in range(2))
+    x, y = (
+        torch.randint(0, LECTURE["vocab_size"], (args.batch, LECTURE["block_size"]), generator=gen) for _ in range(2)
+    )
     for model, opt in models.values():
         train_step(model, opt, x, y)  # warm-up
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -139,11 +143,15 @@ def main() -> None:
     tokens = args.batch * LECTURE["block_size"]
     ref = min(times["nanoGPT (exact GELU, no biases)"])
     shape = f"batch {args.batch} x {LECTURE['block_size']}"
-    print(f"# torch {torch.__version__}, {args.threads} threads, {shape}, {args.rounds} rounds, {args.clock} time per step")
+    print(
+        f"# torch {torch.__version__}, {args.threads} threads, {shape}, {args.rounds} rounds, {args.clock} time per step"
+    )
     print("| model | min ms | median ms | tokens/s (min) | vs nanoGPT (min) |")
     print("|---|---|---|---|---|")
     for name, ts in times.items():
-        print(f"| {name} | {min(ts) * 1e3:.0f} | {statistics.median(ts) * 1e3:.0f} | {tokens / min(ts):,.0f} | {ref / min(ts):.3f}x |")
+        print(
+            f"| {name} | {min(ts) * 1e3:.0f} | {statistics.median(ts) * 1e3:.0f} | {tokens / min(ts):,.0f} | {ref / min(ts):.3f}x |"
+        )
     if args.profile:
         shares = {name: profile_shares(lambda m=m, o=o: train_step(m, o, x, y), 2) for name, (m, o) in models.items()}
         names = [*CATEGORIES, "other"]

@@ -34,7 +34,19 @@ def main() -> None:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, vocab_size=65, activation="relu2", pos_emb="rope", qk_norm=True))
+    model = GPT(
+        GPTConfig(
+            n_layer=4,
+            n_head=4,
+            n_embd=128,
+            block_size=64,
+            dropout=0.0,
+            vocab_size=65,
+            activation="relu2",
+            pos_emb="rope",
+            qk_norm=True,
+        )
+    )
     for param in model.parameters():
         param.grad = torch.randn_like(param) * 1e-3
     optimizers = {"adamw": make_optimizer(model, TrainConfig(optimizer="adamw"))}
@@ -47,7 +59,9 @@ def main() -> None:
             start = clock()
             opt.step()
             times[name].append(clock() - start)
-    print(f"# torch {torch.__version__}, {args.threads} threads, {args.rounds} rounds, {args.clock} time; speedrun model 4 x 4 x 128")
+    print(
+        f"# torch {torch.__version__}, {args.threads} threads, {args.rounds} rounds, {args.clock} time; speedrun model 4 x 4 x 128"
+    )
     print("| optimizer | min ms | median ms |")
     print("|---|---|---|")
     for name, ts in times.items():

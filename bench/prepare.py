@@ -75,7 +75,9 @@ def worker(job: dict) -> dict:
         meta = prepare(cfg, data_dir=out, tokenizer=tokenizer, log=lambda _: None)
         seconds, n_tokens = time.perf_counter() - t0, sum(meta["tokens"].values())
         digest = sha256_files(out / "train.bin", out / "val.bin")
-    rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    rss = max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    )
     return {"seconds": seconds, "tokens": n_tokens, "sha256": digest, "rss_mb": rss / 1024}
 
 
@@ -114,7 +116,13 @@ def private_kb(pid: int) -> int:
 
 def run_child(job: dict, env: dict) -> dict:
     """Run one job in a fresh interpreter; sample its process tree's private memory meanwhile."""
-    proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(job)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--worker", json.dumps(job)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     peak = [0]
 
     def sample() -> None:
@@ -144,11 +152,22 @@ def corpus(mb: float, out_dir: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mb", type=float, action="append", help="corpus size in MB; repeat for several (default: 100 and 400)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--mb", type=float, action="append", help="corpus size in MB; repeat for several (default: 100 and 400)"
+    )
     parser.add_argument("--kinds", nargs="+", default=["char", "bpe"], choices=["char", "bpe"])
-    parser.add_argument("--num-proc", type=int, nargs="+", default=[1, 2], help="data.num_proc values to run prepare with")
-    parser.add_argument("--plain-max-mb", type=float, default=100, help="run the plain loop only up to this size (it holds the corpus in memory)")
+    parser.add_argument(
+        "--num-proc", type=int, nargs="+", default=[1, 2], help="data.num_proc values to run prepare with"
+    )
+    parser.add_argument(
+        "--plain-max-mb",
+        type=float,
+        default=100,
+        help="run the plain loop only up to this size (it holds the corpus in memory)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out", help="scratch folder (corpora, arrays)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -172,7 +191,9 @@ def main() -> None:
 
     rows = []
     print(f"# prepare benchmark ({os.cpu_count()} CPUs, Python {sys.version.split()[0]})\n", flush=True)
-    print("| corpus MB | tokenizer | method | num_proc | seconds | MB/s | Mtokens/s | peak RSS MB | peak private MB | same ids |")
+    print(
+        "| corpus MB | tokenizer | method | num_proc | seconds | MB/s | Mtokens/s | peak RSS MB | peak private MB | same ids |"
+    )
     print("|---:|---|---|---:|---:|---:|---:|---:|---:|---|")
     for mb in args.mb or [100, 400]:
         source = corpus(mb, args.out)
@@ -184,7 +205,13 @@ def main() -> None:
             for method, num_proc in jobs:
                 data_dir = args.out / f"run_{kind}_{method}_{num_proc}"
                 shutil.rmtree(data_dir, ignore_errors=True)
-                job = {"method": method, "kind": kind, "num_proc": num_proc, "source": str(source), "out": str(data_dir)}
+                job = {
+                    "method": method,
+                    "kind": kind,
+                    "num_proc": num_proc,
+                    "source": str(source),
+                    "out": str(data_dir),
+                }
                 job["tokenizer"] = str(bpe_file) if kind == "bpe" else None
                 r = run_child(job, env)
                 shutil.rmtree(data_dir, ignore_errors=True)

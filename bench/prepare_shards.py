@@ -71,11 +71,19 @@ def worker(job: dict) -> dict:
     from dist_gpt.tokenizers import load_tokenizer
 
     tokenizer = load_tokenizer(job["tokenizer"]) if job["tokenizer"] else None
-    cfg = DataConfig(source=job["source"], tokenizer=job["kind"], num_proc=job["num_proc"], shard_tokens=SHARD_TOKENS, val_tokens=VAL_TOKENS)
+    cfg = DataConfig(
+        source=job["source"],
+        tokenizer=job["kind"],
+        num_proc=job["num_proc"],
+        shard_tokens=SHARD_TOKENS,
+        val_tokens=VAL_TOKENS,
+    )
     t0 = time.perf_counter()
     meta = prepare(cfg, data_dir=Path(job["out"]), tokenizer=tokenizer, log=lambda _: None)
     seconds = time.perf_counter() - t0
-    rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    rss = max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    )
     shards = len(meta["shards"]["train"]) + len(meta["shards"]["val"])
     return {"seconds": seconds, "tokens": sum(meta["tokens"].values()), "shards": shards, "rss_mb": rss / 1024}
 
@@ -161,16 +169,25 @@ def cpu_model() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--gb", type=float, action="append", help="GB of text; repeat for several (default: 1 and 4)")
     parser.add_argument("--kinds", nargs="+", default=["char"], choices=["char", "bpe"])
     parser.add_argument("--num-proc", type=int, nargs="+", default=[1, 2], help="data.num_proc values")
-    parser.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()), help="where the corpus and the shards go (deleted after)")
+    parser.add_argument(
+        "--tmp",
+        type=Path,
+        default=Path(tempfile.gettempdir()),
+        help="where the corpus and the shards go (deleted after)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         job = json.loads(args.worker)
-        method = {"train_bpe": lambda: train_bpe(job["out"]), "baseline": baseline}.get(job.get("method", ""), lambda: worker(job))
+        method = {"train_bpe": lambda: train_bpe(job["out"]), "baseline": baseline}.get(
+            job.get("method", ""), lambda: worker(job)
+        )
         print(json.dumps(method()))
         return
 
@@ -187,11 +204,19 @@ def main() -> None:
         bpe_file = root / "bpe_tokenizer.json"
         if "bpe" in args.kinds:
             run_child({"method": "train_bpe", "out": str(bpe_file)}, env)
-        print(f"# streaming sharded prepare, {time.strftime('%Y-%m-%d')}; {cpu_model()}; Python {sys.version.split()[0]}\n", flush=True)
-        print("| text GB | files | tokenizer | num_proc | shards | peak private MB | peak RSS MB | seconds | MB/s | load avg start / end | same count |")
+        print(
+            f"# streaming sharded prepare, {time.strftime('%Y-%m-%d')}; {cpu_model()}; Python {sys.version.split()[0]}\n",
+            flush=True,
+        )
+        print(
+            "| text GB | files | tokenizer | num_proc | shards | peak private MB | peak RSS MB | seconds | MB/s | load avg start / end | same count |"
+        )
         print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---|")
         r = run_child({"method": "baseline"}, env)
-        print(f"| 0 | - | (the imports alone) | - | - | {r['private_mb']:.0f} | {r['rss_mb']:.0f} | - | - | - | - |", flush=True)
+        print(
+            f"| 0 | - | (the imports alone) | - | - | {r['private_mb']:.0f} | {r['rss_mb']:.0f} | - | - | - | - |",
+            flush=True,
+        )
         for gb in args.gb or [1, 4]:
             corpus = root / f"corpus_{gb:g}"
             corpus.mkdir()
@@ -199,7 +224,14 @@ def main() -> None:
             for kind in args.kinds:
                 for num_proc in args.num_proc:
                     out = root / "data"
-                    job = {"kind": kind, "num_proc": num_proc, "source": f"{corpus}/*.jsonl", "out": str(out), "copies": info["copies"], "chars": info["chars"]}
+                    job = {
+                        "kind": kind,
+                        "num_proc": num_proc,
+                        "source": f"{corpus}/*.jsonl",
+                        "out": str(out),
+                        "copies": info["copies"],
+                        "chars": info["chars"],
+                    }
                     job["tokenizer"] = str(bpe_file) if kind == "bpe" else None
                     load0 = os.getloadavg()[0]
                     r = run_child(job, env)

@@ -63,15 +63,21 @@ def main() -> None:
     same = torch.equal(outputs[True], outputs[False])
 
     n = args.max_new_tokens
-    print(f"lecture model {model.num_params(non_embedding=False):,} parameters (6 layers x 6 heads x 384, block 256, vocab 65), random weights")
-    print(f"{n} new tokens from a 1-token prompt, {args.repeats} repeats, torch {torch.__version__}, {torch.get_num_threads()} thread(s), {cpu_name()}")
+    print(
+        f"lecture model {model.num_params(non_embedding=False):,} parameters (6 layers x 6 heads x 384, block 256, vocab 65), random weights"
+    )
+    print(
+        f"{n} new tokens from a 1-token prompt, {args.repeats} repeats, torch {torch.__version__}, {torch.get_num_threads()} thread(s), {cpu_name()}"
+    )
     print(f"cached and recomputed samples identical: {same}")
     print()
     print("| sampling | new tokens | threads | min s | median s | tokens/s (best) | tokens/s (median) |")
     print("|---|---|---|---|---|---|---|")
     for use_cache, label in ((True, "KV cache"), (False, "no cache (recompute window)")):
         best, median = min(times[use_cache]), statistics.median(times[use_cache])
-        print(f"| {label} | {n} | {torch.get_num_threads()} | {best:.3f} | {median:.3f} | {n / best:.1f} | {n / median:.1f} |")
+        print(
+            f"| {label} | {n} | {torch.get_num_threads()} | {best:.3f} | {median:.3f} | {n / best:.1f} | {n / median:.1f} |"
+        )
     speedup = statistics.median(times[False]) / statistics.median(times[True])
     print(f"\nKV cache speedup (median): {speedup:.1f}x")
 

@@ -32,7 +32,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_once(args: argparse.Namespace, overrides: list[str], out: Path) -> dict:
-    cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", args.config, f"--data.source={args.source}", *args.common]
+    cmd = [
+        sys.executable,
+        str(REPO / "launch" / "pretrain.py"),
+        "--config",
+        args.config,
+        f"--data.source={args.source}",
+        *args.common,
+    ]
     if args.steps:
         cmd += [f"--train.max_steps={args.steps}", "--train.time_budget_s=0"]
     elif args.budget:
@@ -46,20 +53,37 @@ def run_once(args: argparse.Namespace, overrides: list[str], out: Path) -> dict:
         tail = "\n".join(proc.stderr.splitlines()[-5:])
         return {"error": tail, "wall_s": wall}
     summary = json.loads((out / "summary.json").read_text())
-    return {"val": summary["final_val_loss"], "wall_s": wall, "steps": summary["steps"], "tokens_per_s": summary["tokens_per_s"]}
+    return {
+        "val": summary["final_val_loss"],
+        "wall_s": wall,
+        "steps": summary["steps"],
+        "tokens_per_s": summary["tokens_per_s"],
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--set", action="append", default=[], dest="sets", help="one set of overrides, quoted: --set=\"--train.lr=2e-2 --train.batch_size=64\" (--set= is the config as it is)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="sets",
+        help='one set of overrides, quoted: --set="--train.lr=2e-2 --train.batch_size=64" (--set= is the config as it is)',
+    )
     p.add_argument("--sets", dest="sets_file", help="a file with one set of overrides per line")
     p.add_argument("--config", default="configs/speedrun_cpu.yaml")
-    p.add_argument("--source", default=str(REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"), help="data.source (the corpus)")
+    p.add_argument(
+        "--source",
+        default=str(REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"),
+        help="data.source (the corpus)",
+    )
     p.add_argument("--budget", type=float, default=0, help="train.time_budget_s for every run (default: the config's)")
-    p.add_argument("--steps", type=int, default=0, help="train exactly this many steps, no time budget (equal-steps comparison)")
+    p.add_argument(
+        "--steps", type=int, default=0, help="train exactly this many steps, no time budget (equal-steps comparison)"
+    )
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--out", default="/tmp/sweep_speedrun", help="run directories and results.jsonl go here")
-    p.add_argument("--common", default="", help="overrides added to every run: --common=\"--data.dir=/tmp/data\"")
+    p.add_argument("--common", default="", help='overrides added to every run: --common="--data.dir=/tmp/data"')
     args = p.parse_args()
     args.common = shlex.split(args.common)
     sets = list(args.sets)
@@ -71,11 +95,26 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    prep = subprocess.run([sys.executable, str(REPO / "launch" / "prepare.py"), "--config", args.config, f"--data.source={args.source}", *args.common], cwd=REPO, capture_output=True, text=True)
+    prep = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "prepare.py"),
+            "--config",
+            args.config,
+            f"--data.source={args.source}",
+            *args.common,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     if prep.returncode != 0:
         sys.exit(prep.stderr)
     mode = f"{args.steps} steps each" if args.steps else f"time budget {args.budget or 'from the config'} s"
-    print(f"# speedrun sweep {time.strftime('%Y-%m-%d %H:%M')}: {args.config}, {mode}, {args.repeats} repeat(s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, load {os.getloadavg()[0]:.2f}", flush=True)
+    print(
+        f"# speedrun sweep {time.strftime('%Y-%m-%d %H:%M')}: {args.config}, {mode}, {args.repeats} repeat(s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, load {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
     results: dict[int, list[dict]] = {i: [] for i in range(len(sets))}
     with open(out / "results.jsonl", "a") as log:
         for r in range(args.repeats):
@@ -86,9 +125,15 @@ def main() -> None:
                 log.write(json.dumps(res) + "\n")
                 log.flush()
                 shown = f"val {res['val']:.4f}" if "val" in res else f"FAILED: {res['error']}"
-                print(f"  [{r + 1}/{args.repeats}] {overrides or '(config)'}: {shown}, {res['wall_s']:.1f} s", file=sys.stderr, flush=True)
+                print(
+                    f"  [{r + 1}/{args.repeats}] {overrides or '(config)'}: {shown}, {res['wall_s']:.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
-    print("\n| overrides | final val (min) | final val (median) | wall s (min) | wall s (median) | steps | tokens/s (whole run) |")
+    print(
+        "\n| overrides | final val (min) | final val (median) | wall s (min) | wall s (median) | steps | tokens/s (whole run) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for i, overrides in enumerate(sets):
         ok = [res for res in results[i] if "val" in res]
@@ -98,7 +143,9 @@ def main() -> None:
         val, wall = [res["val"] for res in ok], [res["wall_s"] for res in ok]
         steps = statistics.median(res["steps"] for res in ok)
         tok = statistics.median(res["tokens_per_s"] or 0 for res in ok)
-        print(f"| `{overrides or '(config)'}` | {min(val):.4f} | {statistics.median(val):.4f} | {min(wall):.1f} | {statistics.median(wall):.1f} | {steps:.0f} | {tok:,.0f} |")
+        print(
+            f"| `{overrides or '(config)'}` | {min(val):.4f} | {statistics.median(val):.4f} | {min(wall):.1f} | {statistics.median(wall):.1f} | {steps:.0f} | {tok:,.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,22 @@ from dist_gpt.tokenizers import load_tokenizer  # noqa: E402
 def pretrain_tokens_per_s(args: argparse.Namespace, overrides: list[str], out: Path) -> float:
     """Run launch/pretrain.py for --steps steps; the median tokens/s of its logged intervals after warm-up."""
     cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", args.config, *overrides]
-    cmd += [f"--run.out_dir={out}", "--run.resume=never", "--run.overwrite=true", f"--train.max_steps={args.steps}", "--train.time_budget_s=0"]
-    cmd += [f"--train.eval_interval={args.steps}", "--train.eval_iters=1", "--train.sample_tokens=0", "--train.log_interval=1", f"--train.checkpoint_interval={args.steps}", "--log.wandb=false", "--log.progress=false"]
+    cmd += [
+        f"--run.out_dir={out}",
+        "--run.resume=never",
+        "--run.overwrite=true",
+        f"--train.max_steps={args.steps}",
+        "--train.time_budget_s=0",
+    ]
+    cmd += [
+        f"--train.eval_interval={args.steps}",
+        "--train.eval_iters=1",
+        "--train.sample_tokens=0",
+        "--train.log_interval=1",
+        f"--train.checkpoint_interval={args.steps}",
+        "--log.wandb=false",
+        "--log.progress=false",
+    ]
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, text=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in rows if "train_loss" in r and r["step"] > args.warmup]
@@ -84,7 +98,9 @@ def main() -> None:
     cfg = load_config(args.config, overrides, "pretrain")
     prepare(cfg.data, data_dir=cfg.data_dir, log=lambda m: None)
     cfg.model.vocab_size = cfg.model.vocab_size or load_tokenizer(cfg.data_dir / "tokenizer.json").vocab_size
-    data = np.memmap(cfg.data_dir / "train.bin", dtype=json.loads((cfg.data_dir / "meta.json").read_text())["dtype"], mode="r")
+    data = np.memmap(
+        cfg.data_dir / "train.bin", dtype=json.loads((cfg.data_dir / "meta.json").read_text())["dtype"], mode="r"
+    )
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     ours, plain = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,8 +109,10 @@ def main() -> None:
             plain.append(plain_tokens_per_s(args, cfg, data))
             print(f"repeat {i}: pretrain {ours[-1]:,.0f} tok/s, plain {plain[-1]:,.0f} tok/s", file=sys.stderr)
     m = cfg.model
-    print(f"\n{args.config}: {m.n_layer}x{m.n_head}x{m.n_embd}, block {m.block_size}, micro-batch {cfg.train.batch_size} x {cfg.train.grad_accum}, "
-          f"precision {decide(m, cfg.train, torch.device('cpu')).precision}, {torch.get_num_threads()} threads, {args.steps} steps ({args.warmup} warm-up), {args.repeats} repeats\n")
+    print(
+        f"\n{args.config}: {m.n_layer}x{m.n_head}x{m.n_embd}, block {m.block_size}, micro-batch {cfg.train.batch_size} x {cfg.train.grad_accum}, "
+        f"precision {decide(m, cfg.train, torch.device('cpu')).precision}, {torch.get_num_threads()} threads, {args.steps} steps ({args.warmup} warm-up), {args.repeats} repeats\n"
+    )
     print("| loop | tokens/s min | tokens/s median |\n|---|---|---|")
     print(f"| launch/pretrain.py (Accelerate) | {min(ours):,.0f} | {statistics.median(ours):,.0f} |")
     print(f"| plain PyTorch | {min(plain):,.0f} | {statistics.median(plain):,.0f} |")

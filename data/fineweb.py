@@ -27,7 +27,11 @@ USAGE = __doc__.split("\n\n", 2)[1] if __doc__ else ""
 
 
 def run(args: list[str]) -> None:
-    cfg = parse_stage_args(["--config", str(CONFIG), *args], "prepare", f"usage: python data/fineweb.py [--section.key=value ...]\n\n{USAGE}")
+    cfg = parse_stage_args(
+        ["--config", str(CONFIG), *args],
+        "prepare",
+        f"usage: python data/fineweb.py [--section.key=value ...]\n\n{USAGE}",
+    )
     workers_from_launcher(cfg)
     prepare_from_config(cfg)
 

@@ -25,7 +25,17 @@ NUMERAL = re.compile(r"\s*[IVXLC]+\.?\s*")
 
 def roman(n: int) -> str:
     out = ""
-    for value, letters in ((100, "C"), (90, "XC"), (50, "L"), (40, "XL"), (10, "X"), (9, "IX"), (5, "V"), (4, "IV"), (1, "I")):
+    for value, letters in (
+        (100, "C"),
+        (90, "XC"),
+        (50, "L"),
+        (40, "XL"),
+        (10, "X"),
+        (9, "IX"),
+        (5, "V"),
+        (4, "IV"),
+        (1, "I"),
+    ):
         count, n = divmod(n, value)
         out += letters * count
     return out
@@ -50,6 +60,10 @@ def sonnets(text: str) -> list[list[str]]:
 def records(text: str) -> list[dict]:
     """One prompt/response pair per sonnet; every VAL_EVERY-th sonnet is marked for validation."""
     return [
-        {"prompt": f"{roman(n)}\n{lines[0].strip()}", "response": "\n".join(lines[1:]), "split": "val" if n % VAL_EVERY == 0 else "train"}
+        {
+            "prompt": f"{roman(n)}\n{lines[0].strip()}",
+            "response": "\n".join(lines[1:]),
+            "split": "val" if n % VAL_EVERY == 0 else "train",
+        }
         for n, lines in enumerate(sonnets(text), start=1)
     ]

@@ -60,7 +60,9 @@ ORDER_TAG, WINDOW_TAG = 0x5348_4F52, 0x5348_5749  # seed-sequence tags of a shar
 def load_meta(data_dir: str | Path) -> dict:
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
-        raise UserError(f"{data_dir} holds no prepared data (meta.json is missing): run `python launch/prepare.py --config CONFIG`")
+        raise UserError(
+            f"{data_dir} holds no prepared data (meta.json is missing): run `python launch/prepare.py --config CONFIG`"
+        )
     return read_json(path, "meta file")
 
 
@@ -156,7 +158,11 @@ class _ShardWindows:
         if epoch not in self._orders:
             if len(self._orders) > 2:
                 self._orders.clear()
-            order = self.usable if self.mode == "sequential" else np.random.default_rng([*self.key, ORDER_TAG, epoch]).permutation(self.usable)
+            order = (
+                self.usable
+                if self.mode == "sequential"
+                else np.random.default_rng([*self.key, ORDER_TAG, epoch]).permutation(self.usable)
+            )
             self._orders[epoch] = order, np.concatenate([[0], np.cumsum(self.windows[order])])
         return self._orders[epoch]
 
@@ -223,7 +229,9 @@ class _Sampler:
         if split.sft:
             self.n = split.pairs
             if self.n < 1:
-                raise UserError(f"the {split.name} split has no prompt/response pairs: prepare it again with more pairs")
+                raise UserError(
+                    f"the {split.name} split has no prompt/response pairs: prepare it again with more pairs"
+                )
         else:
             check_split_size(split.name, len(split), block_size)
             self.n = len(split) - block_size if mode == "random" else (len(split) - 1) // block_size
@@ -272,7 +280,16 @@ class _Sampler:
 class BatchLoader:
     """Batches of (x, y), int64 (batch_size, block_size), from one global stream of samples (see the module docstring)."""
 
-    def __init__(self, split: TokenSplit | ShardedSplit, block_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, mode: str = "random"):
+    def __init__(
+        self,
+        split: TokenSplit | ShardedSplit,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        mode: str = "random",
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.split, self.block_size, self.batch_size = split, block_size, batch_size
@@ -300,12 +317,20 @@ class BatchLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("seed", "mode"):
             if key in state and state[key] != getattr(self, key):
-                raise UserError(f"the checkpoint's data loader used {key}={state[key]!r}, this run {getattr(self, key)!r}: resume with the same setting")
+                raise UserError(
+                    f"the checkpoint's data loader used {key}={state[key]!r}, this run {getattr(self, key)!r}: resume with the same setting"
+                )
         self.position = int(state["position"])
 
 
 def eval_batches(
-    split: TokenSplit | ShardedSplit, block_size: int, batch_size: int, n_batches: int, seed: int, rank: int = 0, world_size: int = 1
+    split: TokenSplit | ShardedSplit,
+    block_size: int,
+    batch_size: int,
+    n_batches: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The same n_batches batches at every evaluation (random windows; a sharded split's first windows in order);
     batch b is evaluated by rank b % world_size."""

@@ -163,16 +163,27 @@ class OptimizerState:
     def state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_optimizer_state_dict(
+            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         if len(state["param_groups"]) != len(configured):
-            raise UserError(f"the checkpoint's optimizer has {len(state['param_groups'])} parameter groups, this run's {len(configured)}: resume with the same train.optimizer")
-        groups = [{**hyper, "params": saved["params"]} for saved, hyper in zip(state["param_groups"], configured, strict=True)]
-        set_optimizer_state_dict(self.model, self.optimizer, {**state, "param_groups": groups}, options=StateDictOptions(full_state_dict=True))
+            raise UserError(
+                f"the checkpoint's optimizer has {len(state['param_groups'])} parameter groups, this run's {len(configured)}: resume with the same train.optimizer"
+            )
+        groups = [
+            {**hyper, "params": saved["params"]} for saved, hyper in zip(state["param_groups"], configured, strict=True)
+        ]
+        set_optimizer_state_dict(
+            self.model,
+            self.optimizer,
+            {**state, "param_groups": groups},
+            options=StateDictOptions(full_state_dict=True),
+        )
 
 
 class RNGState:
@@ -195,7 +206,12 @@ class RNGState:
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))
         np_state = state["numpy"]
-        np.random.set_state({**np_state, "state": {"key": np.array(np_state["state"]["key"], dtype=np.uint32), "pos": np_state["state"]["pos"]}})
+        np.random.set_state(
+            {
+                **np_state,
+                "state": {"key": np.array(np_state["state"]["key"], dtype=np.uint32), "pos": np_state["state"]["pos"]},
+            }
+        )
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda"])
@@ -244,7 +260,9 @@ class Checkpointer:
         """Every rank calls this. Sharded parts are gathered (collectives, in the order of `parts`), per-rank parts sent to
         the main process, which writes the folder and gets the saved states back (None elsewhere)."""
         states = {name: part.state_dict() for name, part in parts.items() if not getattr(part, "per_rank", False)}
-        ranked = {name: self._gather(part.state_dict()) for name, part in parts.items() if getattr(part, "per_rank", False)}
+        ranked = {
+            name: self._gather(part.state_dict()) for name, part in parts.items() if getattr(part, "per_rank", False)
+        }
         if self.acc.is_main_process:
             files: dict[str, dict[str, torch.Tensor]] = {}
             skeletons: dict[str, Any] = {}
@@ -293,7 +311,10 @@ class Checkpointer:
             for name, obj in jsons.items():
                 _write_durable(tmp / name, lambda p, obj=obj: p.write_text(json.dumps(obj)))
             files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
-            _write_durable(tmp / MANIFEST, lambda p: p.write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1)))
+            _write_durable(
+                tmp / MANIFEST,
+                lambda p: p.write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1)),
+            )
             fsync_dir(tmp)
             if final.exists():
                 shutil.rmtree(final)
@@ -325,7 +346,9 @@ def read_parts(path: Path, rank: int = 0) -> dict[str, Any]:
     for file in sorted(path.glob(f"*_rank{rank}.json")):
         name = file.name[: -len(f"_rank{rank}.json")]
         tensors = path / f"{name}_rank{rank}.safetensors"
-        states[name] = _join(read_json(file, "checkpoint file"), load_weights(tensors, "checkpoint file") if tensors.is_file() else {})
+        states[name] = _join(
+            read_json(file, "checkpoint file"), load_weights(tensors, "checkpoint file") if tensors.is_file() else {}
+        )
     return states
 
 
@@ -357,7 +380,11 @@ def _read_format1(path: Path, head: dict[str, Any], rank: int) -> dict[str, Any]
     if rng.is_file():
         tensors = load_weights(path / f"rng_rank{rank}.safetensors", "checkpoint file")
         cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
-        states["rng"] = {**read_json(rng, "checkpoint file"), "torch": tensors["torch"], **({"cuda": cuda[0]} if cuda else {})}
+        states["rng"] = {
+            **read_json(rng, "checkpoint file"),
+            "torch": tensors["torch"],
+            **({"cuda": cuda[0]} if cuda else {}),
+        }
     return states
 
 
@@ -369,7 +396,9 @@ def list_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     steps = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
-    return sorted(steps, key=lambda p: int(p.name[5:]), reverse=True)  # by number: step_1000000 is newer than step_999999
+    return sorted(
+        steps, key=lambda p: int(p.name[5:]), reverse=True
+    )  # by number: step_1000000 is newer than step_999999
 
 
 def verify_checkpoint(path: Path) -> str | None:
@@ -380,7 +409,10 @@ def verify_checkpoint(path: Path) -> str | None:
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         files = manifest["files"]
-        if not isinstance(files, dict) or not all(isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str) for v in files.values()):
+        if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+            for v in files.values()
+        ):
             raise TypeError
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         return f"{manifest_path} is corrupt"
@@ -414,7 +446,9 @@ def find_resumable(root: Path, warn: Callable[[str], None]) -> Path | None:
         aside = path.with_name(f"broken_{path.name}")
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(path, aside)
-        warn(f"warning: skipping checkpoint {path.name}: {problem}; moved it to {aside.name} and falling back to an older one")
+        warn(
+            f"warning: skipping checkpoint {path.name}: {problem}; moved it to {aside.name} and falling back to an older one"
+        )
     return None
 
 

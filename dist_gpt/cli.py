@@ -62,7 +62,13 @@ def parse_stage_args(args: list[str], stage: str, usage: str, default_config: st
     `--section.key=value` overrides win over all files. `default_config` applies only without any --config.
     """
     if "-h" in args or "--help" in args:
-        print(usage.strip() + "\n\n" + CONFIG_HELP + "\n\nconfig keys (--section.key=value, default shown):" + help_text(stage))
+        print(
+            usage.strip()
+            + "\n\n"
+            + CONFIG_HELP
+            + "\n\nconfig keys (--section.key=value, default shown):"
+            + help_text(stage)
+        )
         sys.exit(0)
     config_files: list[str] = []
     rest = []

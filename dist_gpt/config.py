@@ -34,36 +34,80 @@ def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
 
 @dataclass
 class RunConfig:
-    out_dir: str = opt("", "run directory; empty means runs/<data.name> (runs/<data.name>_<finetune.kind> for finetunes)")
-    seed: int = opt(1337, "seed for model init, the data stream and evaluation batches (shared by all ranks) and dropout (seed + rank)")
-    resume: str = opt("auto", "auto: continue from the newest complete checkpoint in out_dir; never: refuse an existing out_dir", ("auto", "never"))
+    out_dir: str = opt(
+        "", "run directory; empty means runs/<data.name> (runs/<data.name>_<finetune.kind> for finetunes)"
+    )
+    seed: int = opt(
+        1337,
+        "seed for model init, the data stream and evaluation batches (shared by all ranks) and dropout (seed + rank)",
+    )
+    resume: str = opt(
+        "auto",
+        "auto: continue from the newest complete checkpoint in out_dir; never: refuse an existing out_dir",
+        ("auto", "never"),
+    )
     overwrite: bool = opt(False, "with resume=never, delete an existing out_dir and start over")
 
 
 @dataclass
 class DataConfig:
     name: str = opt("shakespeare_char", "dataset name; names the prepared folder data/<name>/")
-    source: str = opt("", "text file, directory, glob, comma-separated files, .jsonl, .parquet, URL or Hugging Face dataset name")
+    source: str = opt(
+        "", "text file, directory, glob, comma-separated files, .jsonl, .parquet, URL or Hugging Face dataset name"
+    )
     sha256: str = opt("", "expected SHA-256 of a downloaded source file (checked after download)")
     dir: str = opt("", "where the prepared arrays go; empty means data/<name>")
     text_field: str = opt("text", "column holding the text in .jsonl / parquet / Hub sources")
-    recipe: str = opt("", "name of a recipe file in the repository's data/ folder, without .py (e.g. sonnets_sft), that turns the source into records")
-    tokenizer: str = opt("char", "char: one token per character; bpe: byte-level BPE trained on the corpus; gpt2: tiktoken GPT-2", ("char", "bpe", "gpt2"))
+    recipe: str = opt(
+        "",
+        "name of a recipe file in the repository's data/ folder, without .py (e.g. sonnets_sft), that turns the source into records",
+    )
+    tokenizer: str = opt(
+        "char",
+        "char: one token per character; bpe: byte-level BPE trained on the corpus; gpt2: tiktoken GPT-2",
+        ("char", "bpe", "gpt2"),
+    )
     vocab_size: int = opt(2048, "BPE vocabulary size to train (tokenizer=bpe only)")
     val_fraction: float = opt(0.1, "share of the corpus held out for validation (the last part of a single document)")
     num_proc: int = opt(1, "processes for Dataset.map while tokenizing")
-    errors: str = opt("strict", "bytes that are not UTF-8: strict stops with an error, replace substitutes U+FFFD", ("strict", "replace"))
-    unknown: str = opt("error", "characters missing from an existing char vocabulary: error, drop, or replace with a known one", ("error", "drop", "replace"))
+    errors: str = opt(
+        "strict",
+        "bytes that are not UTF-8: strict stops with an error, replace substitutes U+FFFD",
+        ("strict", "replace"),
+    )
+    unknown: str = opt(
+        "error",
+        "characters missing from an existing char vocabulary: error, drop, or replace with a known one",
+        ("error", "drop", "replace"),
+    )
     loader: str = opt(
-        "random", "random: seeded random windows (the lecture's get_batch); sequential: walk the tokens without replacement", ("random", "sequential")
+        "random",
+        "random: seeded random windows (the lecture's get_batch); sequential: walk the tokens without replacement",
+        ("random", "sequential"),
     )
     # sharded data (README, "Sharded data"): many token files plus a manifest, prepared while the source streams
-    shard_tokens: int = opt(0, "when > 0, prepare the corpus as token shards of this many tokens (streaming the source); 0: one train.bin and val.bin")
-    val_tokens: int = opt(0, "sharded data: the first N tokens of the stream are the val split (FineWeb as modded-nanogpt: 10485761)")
-    eot: bool = opt(False, "sharded data: the tokenizer's end-of-text token before every document (gpt2 only: <|endoftext|>, as llm.c and modded-nanogpt)")
-    prepare_rank: int = opt(0, "sharded prepare: this worker's index; worker R prepares input files R, R + W, ... (launch/prepare.py only)")
-    prepare_world: int = opt(1, "sharded prepare: how many workers (processes or nodes) split the input files; the last to finish writes meta.json")
-    disk_budget_gb: float = opt(0.0, "fetched shards: the most disk their local copies may take (GB); older ones are deleted behind the reader; 0: no limit")
+    shard_tokens: int = opt(
+        0,
+        "when > 0, prepare the corpus as token shards of this many tokens (streaming the source); 0: one train.bin and val.bin",
+    )
+    val_tokens: int = opt(
+        0, "sharded data: the first N tokens of the stream are the val split (FineWeb as modded-nanogpt: 10485761)"
+    )
+    eot: bool = opt(
+        False,
+        "sharded data: the tokenizer's end-of-text token before every document (gpt2 only: <|endoftext|>, as llm.c and modded-nanogpt)",
+    )
+    prepare_rank: int = opt(
+        0, "sharded prepare: this worker's index; worker R prepares input files R, R + W, ... (launch/prepare.py only)"
+    )
+    prepare_world: int = opt(
+        1,
+        "sharded prepare: how many workers (processes or nodes) split the input files; the last to finish writes meta.json",
+    )
+    disk_budget_gb: float = opt(
+        0.0,
+        "fetched shards: the most disk their local copies may take (GB); older ones are deleted behind the reader; 0: no limit",
+    )
     prefetch_shards: int = opt(2, "fetched shards: how many to fetch ahead of the one being read")
 
 
@@ -82,7 +126,9 @@ class GPTConfig:
     mlp: bool = opt(True, "feed-forward (MLP) sublayer in each block")
     mlp_ratio: int = opt(4, "MLP hidden width as a multiple of n_embd")
     activation: str = opt(
-        "gelu", "MLP non-linearity: gelu (GPT-2's tanh approximation), gelu_exact (nanoGPT's), relu (the lecture's), relu2", ("gelu", "gelu_exact", "relu", "relu2")
+        "gelu",
+        "MLP non-linearity: gelu (GPT-2's tanh approximation), gelu_exact (nanoGPT's), relu (the lecture's), relu2",
+        ("gelu", "gelu_exact", "relu", "relu2"),
     )
     residual: bool = opt(True, "residual connections around attention and MLP")
     layernorm: bool = opt(True, "pre-LayerNorm before each sublayer and a final LayerNorm")
@@ -94,20 +140,30 @@ class GPTConfig:
     )
     # speed options from the public speedrun literature; the defaults are the lecture model (BENCHMARKS.md measures them)
     pos_emb: str = opt(
-        "learned", "position information: learned: a position embedding table (GPT-2); rope: rotary embeddings on queries and keys", ("learned", "rope")
+        "learned",
+        "position information: learned: a position embedding table (GPT-2); rope: rotary embeddings on queries and keys",
+        ("learned", "rope"),
     )
     qk_norm: bool = opt(False, "RMS-normalise each head's queries and keys before attention")
     zero_init_proj: bool = opt(False, "start the projections into the residual stream (attn and MLP c_proj) at zero")
-    attn_impl: str = opt("auto", "attention kernel in training: auto: the faster here (measured on CPUs, sdpa on GPUs); sdpa: F.scaled_dot_product_attention; matmul: plain matmul + softmax", ("auto", "sdpa", "matmul"))
+    attn_impl: str = opt(
+        "auto",
+        "attention kernel in training: auto: the faster here (measured on CPUs, sdpa on GPUs); sdpa: F.scaled_dot_product_attention; matmul: plain matmul + softmax",
+        ("auto", "sdpa", "matmul"),
+    )
 
 
 @dataclass
 class TrainConfig:
     batch_size: int = opt(64, "micro-batch size per process, in sequences")
     grad_accum: int = opt(1, "micro-batches accumulated per optimizer step (ignored when tokens_per_step is set)")
-    tokens_per_step: int = opt(0, "tokens per optimizer step; when > 0, grad_accum is derived from it and the process count")
+    tokens_per_step: int = opt(
+        0, "tokens per optimizer step; when > 0, grad_accum is derived from it and the process count"
+    )
     max_steps: int = opt(5000, "optimizer steps to train")
-    time_budget_s: float = opt(0.0, "when > 0, stop after this many seconds of training; the LR schedule follows elapsed time")
+    time_budget_s: float = opt(
+        0.0, "when > 0, stop after this many seconds of training; the LR schedule follows elapsed time"
+    )
     lr: float = opt(1e-3, "peak learning rate")
     min_lr: float = opt(1e-4, "learning rate at the end of the decay")
     warmup_steps: int = opt(100, "linear warmup steps")
@@ -116,20 +172,32 @@ class TrainConfig:
         "shape of the decay after warmup; wsd (warmup-stable-decay): train.lr until the last train.decay_fraction of the run, then down to min_lr",
         ("cosine", "linear", "constant", "wsd"),
     )
-    decay_fraction: float = opt(0.2, "lr_decay=wsd: share of the run at its end (of train.max_steps, or of the time budget) spent decaying to min_lr")
-    decay_shape: str = opt("1-sqrt", "lr_decay=wsd: linear, or 1-sqrt (the drop grows with the square root of the decay's progress)", ("linear", "1-sqrt"))
+    decay_fraction: float = opt(
+        0.2,
+        "lr_decay=wsd: share of the run at its end (of train.max_steps, or of the time budget) spent decaying to min_lr",
+    )
+    decay_shape: str = opt(
+        "1-sqrt",
+        "lr_decay=wsd: linear, or 1-sqrt (the drop grows with the square root of the decay's progress)",
+        ("linear", "1-sqrt"),
+    )
     weight_decay: float = opt(0.1, "AdamW weight decay, applied to 2-D weights only")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.99, "AdamW beta2")
     optimizer: str = opt(
-        "adamw", "adamw; muon: Muon for the blocks' weight matrices, AdamW (train.lr) for embeddings, head, biases and norms", ("adamw", "muon")
+        "adamw",
+        "adamw; muon: Muon for the blocks' weight matrices, AdamW (train.lr) for embeddings, head, biases and norms",
+        ("adamw", "muon"),
     )
     muon_lr: float = opt(0.02, "Muon peak learning rate (follows the same schedule as train.lr)")
     muon_momentum: float = opt(0.95, "Muon (Nesterov) momentum")
     grad_clip: float = opt(1.0, "clip the gradient norm to this; 0 disables")
     eval_interval: int = opt(250, "evaluate every N steps (and at step 0 and the end)")
     eval_at_start: bool = opt(True, "evaluate once before the first step (step 0)")
-    eval_iters: int = opt(200, "batches per split at each evaluation, split across processes (fewer with a time budget that could not afford them)")
+    eval_iters: int = opt(
+        200,
+        "batches per split at each evaluation, split across processes (fewer with a time budget that could not afford them)",
+    )
     log_interval: int = opt(10, "write a metrics line every N steps")
     checkpoint_interval: int = opt(500, "write a resumable checkpoint every N steps (and at the end)")
     keep_checkpoints: int = opt(2, "complete checkpoints to keep")
@@ -160,15 +228,23 @@ class LogConfig:
     run_name: str = opt("", "W&B run name; empty means the run directory's name")
     progress: bool = opt(True, "show a progress bar on the main process")
     profile_steps: str = opt(
-        "", "A-B: write a torch profiler trace of optimizer steps A to B into RUN_DIR/profile/ and print the top operators (on CUDA, a memory snapshot too)"
+        "",
+        "A-B: write a torch profiler trace of optimizer steps A to B into RUN_DIR/profile/ and print the top operators (on CUDA, a memory snapshot too)",
     )
-    memory_history: bool = opt(False, "CUDA: record every allocation's stack from the start, for the memory snapshot written when a step runs out of memory")
+    memory_history: bool = opt(
+        False,
+        "CUDA: record every allocation's stack from the start, for the memory snapshot written when a step runs out of memory",
+    )
 
 
 @dataclass
 class FinetuneConfig:
     init_from: str = opt("", "the parent: a run directory, or hf:PATH / hf:NAME for a Hugging Face GPT-2 model")
-    kind: str = opt("text", "text: continued training on a corpus; sft: prompt/response pairs, loss on the response only", ("text", "sft"))
+    kind: str = opt(
+        "text",
+        "text: continued training on a corpus; sft: prompt/response pairs, loss on the response only",
+        ("text", "sft"),
+    )
     freeze: int = opt(0, "when > 0, freeze the embeddings and the first N blocks")
     lora_rank: int = opt(0, "when > 0, train LoRA adapters of this rank instead of all weights")
     lora_alpha: float = opt(16.0, "LoRA scaling numerator (scale = alpha / rank)")
@@ -214,7 +290,9 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; anything this big is not one
 MAX_ALIASES = 32  # `*name` references in one file
 MAX_NODES = 10_000  # values in a file with every alias expanded
 MAX_DEPTH = 20  # nesting levels (sections, keys, a list in a value, ...)
-MAX_INT = 2**63 - 1  # torch's int64 (seeds: torch takes up to 2**64 - 1, which leaves room for seed + rank + 7919 * step)
+MAX_INT = (
+    2**63 - 1
+)  # torch's int64 (seeds: torch takes up to 2**64 - 1, which leaves room for seed + rank + 7919 * step)
 MAX_SIZE = 2**31 - 1  # model shapes, batch sizes, counts: what torch can index
 SIZE_KEYS = (
     "data.vocab_size", "data.num_proc", "model.vocab_size", "model.block_size", "model.n_layer", "model.n_head", "model.n_embd",
@@ -258,12 +336,16 @@ class StrictLoader(yaml.SafeLoader):
         if self.check_event(yaml.AliasEvent):
             self.aliases += 1
             if self.aliases > MAX_ALIASES:
-                raise YAMLRejected(f"more than {MAX_ALIASES} aliases (*name), at line {self.peek_event().start_mark.line + 1}; write the values out")
+                raise YAMLRejected(
+                    f"more than {MAX_ALIASES} aliases (*name), at line {self.peek_event().start_mark.line + 1}; write the values out"
+                )
             return super().compose_node(parent, index)
         self.depth += 1
         try:
             if self.depth > MAX_DEPTH:
-                raise YAMLRejected(f"nested more than {MAX_DEPTH} levels deep, at line {self.peek_event().start_mark.line + 1}")
+                raise YAMLRejected(
+                    f"nested more than {MAX_DEPTH} levels deep, at line {self.peek_event().start_mark.line + 1}"
+                )
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
@@ -283,7 +365,9 @@ class StrictLoader(yaml.SafeLoader):
                 key = self.construct_object(key_node)
                 line = key_node.start_mark.line + 1
                 if key in seen:
-                    raise YAMLRejected(f"key {clip(key)} appears twice in one mapping (lines {seen[key]} and {line}); keep one")
+                    raise YAMLRejected(
+                        f"key {clip(key)} appears twice in one mapping (lines {seen[key]} and {line}); keep one"
+                    )
                 seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
@@ -295,7 +379,9 @@ def _check_expansion(root: Any) -> None:
         node = stack.pop()
         count += 1
         if count > MAX_NODES:
-            raise YAMLRejected(f"its aliases expand to more than {MAX_NODES} values; write the config without repeated *aliases")
+            raise YAMLRejected(
+                f"its aliases expand to more than {MAX_NODES} values; write the config without repeated *aliases"
+            )
         if isinstance(node, yaml.SequenceNode):
             stack.extend(node.value)
         elif isinstance(node, yaml.MappingNode):
@@ -403,7 +489,9 @@ def _set(cfg: Config, key: str, value: Any, sections: tuple[str, ...], origin: s
     section_name, _, name = key.partition(".")
     if section_name not in sections or not name:
         hint = "; finetune keys belong to launch/finetune.py" if section_name == "finetune" else ""
-        raise UserError(f"unknown config key {clip(key)} in {origin}: keys look like SECTION.KEY with SECTION one of {', '.join(sections)}{hint}")
+        raise UserError(
+            f"unknown config key {clip(key)} in {origin}: keys look like SECTION.KEY with SECTION one of {', '.join(sections)}{hint}"
+        )
     section = getattr(cfg, section_name)
     fields = _fields(section)
     if name not in fields:
@@ -429,7 +517,9 @@ def _apply_sections(cfg: Config, data: Any, sections: tuple[str, ...], origin: s
         if values is None:
             continue
         if not isinstance(values, dict):
-            raise UserError(f"{origin}: section {clip(section_name)} must be a mapping of keys to values, got {clip(values)}")
+            raise UserError(
+                f"{origin}: section {clip(section_name)} must be a mapping of keys to values, got {clip(values)}"
+            )
         for name, value in values.items():
             _set(cfg, f"{section_name}.{name}", value, sections, origin)
 
@@ -506,7 +596,10 @@ def expand_user(cfg: Config) -> None:
     cfg.run.out_dir = os.path.expanduser(cfg.run.out_dir)
     cfg.data.dir = os.path.expanduser(cfg.data.dir)
     if not _is_url(cfg.data.source):
-        cfg.data.source = ",".join(os.path.expanduser(part.strip()) if part.strip().startswith("~") else part for part in cfg.data.source.split(","))
+        cfg.data.source = ",".join(
+            os.path.expanduser(part.strip()) if part.strip().startswith("~") else part
+            for part in cfg.data.source.split(",")
+        )
     if not cfg.finetune.init_from.startswith("hf:"):
         cfg.finetune.init_from = os.path.expanduser(cfg.finetune.init_from)
 
@@ -521,8 +614,17 @@ def _need(ok: bool, message: str) -> None:
 
 def _check_name(name: str) -> None:
     """data.name becomes the folder data/<name>: one plain path component."""
-    plain = bool(name) and name == name.strip() and not name.startswith(".") and not any(c in name for c in "/\\") and name.isprintable()
-    _need(plain and len(name) <= 100, f"data.name must be a plain folder name (no '/', '\\', leading '.', or spaces at the ends), got {clip(name)}")
+    plain = (
+        bool(name)
+        and name == name.strip()
+        and not name.startswith(".")
+        and not any(c in name for c in "/\\")
+        and name.isprintable()
+    )
+    _need(
+        plain and len(name) <= 100,
+        f"data.name must be a plain folder name (no '/', '\\', leading '.', or spaces at the ends), got {clip(name)}",
+    )
 
 
 def _check_out_dir(out_dir: str) -> None:
@@ -534,11 +636,17 @@ def _check_out_dir(out_dir: str) -> None:
     inner = parts[1:] if out_dir.startswith("/") else parts
     if inner and inner[-1] == "":
         inner = inner[:-1]  # one trailing slash
-    _need(all(p.strip() for p in inner) and out_dir.isprintable(), f"run.out_dir has an empty or blank path component: {clip(out_dir)}")
+    _need(
+        all(p.strip() for p in inner) and out_dir.isprintable(),
+        f"run.out_dir has an empty or blank path component: {clip(out_dir)}",
+    )
     path = Path(out_dir).resolve()
     cwd, home = Path.cwd().resolve(), Path.home().resolve()
     above = path in (cwd, home) or path in cwd.parents or path in home.parents
-    _need(not above and Path(out_dir).name not in ("", ".", ".."), f"run.out_dir must name a run's own folder, not {clip(out_dir)} (it holds other files)")
+    _need(
+        not above and Path(out_dir).name not in ("", ".", ".."),
+        f"run.out_dir must name a run's own folder, not {clip(out_dir)} (it holds other files)",
+    )
 
 
 def validate_values(cfg: Config, origin: str = "config") -> None:
@@ -561,16 +669,26 @@ def check_model(m: GPTConfig, building: bool = False) -> None:
     when vocab_size must be known), so a GPTConfig made in code is checked too."""
     for f in dataclasses.fields(m):
         choices = f.metadata.get("choices")
-        _need(not choices or getattr(m, f.name) in choices, f"model.{f.name} must be one of {', '.join(choices or ())}, got {clip(getattr(m, f.name))}")
+        _need(
+            not choices or getattr(m, f.name) in choices,
+            f"model.{f.name} must be one of {', '.join(choices or ())}, got {clip(getattr(m, f.name))}",
+        )
     low = 1 if building else 0
-    _need(m.vocab_size >= low, f"model.vocab_size must be >= {low}, got {m.vocab_size}" + (" (0 means: take it from the tokenizer, which has not happened)" if building else ""))
+    _need(
+        m.vocab_size >= low,
+        f"model.vocab_size must be >= {low}, got {m.vocab_size}"
+        + (" (0 means: take it from the tokenizer, which has not happened)" if building else ""),
+    )
     _need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     if m.kind == "bigram":
         return
     for key in ("block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
         _need(getattr(m, key) >= 1, f"model.{key} must be >= 1, got {getattr(m, key)}")
     _need(m.n_embd % m.n_head == 0, f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
-    _need(m.pos_emb != "rope" or (m.n_embd // m.n_head) % 2 == 0, f"model.pos_emb=rope needs an even head size, got n_embd / n_head = {m.n_embd // m.n_head}")
+    _need(
+        m.pos_emb != "rope" or (m.n_embd // m.n_head) % 2 == 0,
+        f"model.pos_emb=rope needs an even head size, got n_embd / n_head = {m.n_embd // m.n_head}",
+    )
 
 
 def validate(cfg: Config, stage: str) -> None:
@@ -582,12 +700,18 @@ def validate(cfg: Config, stage: str) -> None:
     _check_out_dir(cfg.run.out_dir)
     need(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be between 0 and 1 (exclusive), got {d.val_fraction}")
     need(d.num_proc >= 1, f"data.num_proc must be >= 1, got {d.num_proc}")
-    need(d.tokenizer != "bpe" or d.vocab_size > 256, f"data.vocab_size must be > 256 for a byte-level BPE, got {d.vocab_size}")
+    need(
+        d.tokenizer != "bpe" or d.vocab_size > 256,
+        f"data.vocab_size must be > 256 for a byte-level BPE, got {d.vocab_size}",
+    )
     for key in ("shard_tokens", "val_tokens", "prefetch_shards"):
         need(getattr(d, key) >= 0, f"data.{key} must be >= 0, got {getattr(d, key)}")
     need(d.disk_budget_gb >= 0, f"data.disk_budget_gb must be a finite number >= 0, got {d.disk_budget_gb}")
     need(d.prepare_world >= 1, f"data.prepare_world must be >= 1, got {d.prepare_world}")
-    need(0 <= d.prepare_rank < d.prepare_world, f"data.prepare_rank must be in [0, data.prepare_world = {d.prepare_world}), got {d.prepare_rank}")
+    need(
+        0 <= d.prepare_rank < d.prepare_world,
+        f"data.prepare_rank must be in [0, data.prepare_world = {d.prepare_world}), got {d.prepare_rank}",
+    )
     need(
         stage == "prepare" or d.prepare_world == 1,
         "data.prepare_world > 1 splits a sharded prepare over several launch/prepare.py workers; train once they are done, without it",
@@ -595,7 +719,16 @@ def validate(cfg: Config, stage: str) -> None:
     if stage != "finetune":  # a finetune's shape comes from its parent, which checks any override against it
         check_model(m)
     need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
-    for key in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval", "checkpoint_interval", "keep_checkpoints"):
+    for key in (
+        "batch_size",
+        "grad_accum",
+        "max_steps",
+        "eval_interval",
+        "eval_iters",
+        "log_interval",
+        "checkpoint_interval",
+        "keep_checkpoints",
+    ):
         need(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
     need(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
     need(t.tokens_per_step >= 0, f"train.tokens_per_step must be >= 0, got {t.tokens_per_step}")
@@ -625,11 +758,20 @@ def validate(cfg: Config, stage: str) -> None:
     f = cfg.finetune
     need(f.freeze >= 0, f"finetune.freeze must be >= 0, got {f.freeze}")
     need(f.lora_rank >= 0, f"finetune.lora_rank must be >= 0, got {f.lora_rank}")
-    need(f.lora_rank == 0 or f.lora_alpha > 0, f"finetune.lora_alpha must be > 0 with LoRA (scale = alpha / rank; 0 trains nothing), got {f.lora_alpha}")
+    need(
+        f.lora_rank == 0 or f.lora_alpha > 0,
+        f"finetune.lora_alpha must be > 0 with LoRA (scale = alpha / rank; 0 trains nothing), got {f.lora_alpha}",
+    )
     need(0.0 <= f.lora_dropout < 1.0, f"finetune.lora_dropout must be in [0, 1), got {f.lora_dropout}")
     if stage == "finetune":
-        need(bool(f.init_from), "finetune.init_from is required: --finetune.init_from=RUN_DIR (a pretrain run directory) or hf:PATH")
-        need(not (f.lora_rank and f.freeze), "finetune.freeze and finetune.lora_rank are exclusive: LoRA already freezes the base weights")
+        need(
+            bool(f.init_from),
+            "finetune.init_from is required: --finetune.init_from=RUN_DIR (a pretrain run directory) or hf:PATH",
+        )
+        need(
+            not (f.lora_rank and f.freeze),
+            "finetune.freeze and finetune.lora_rank are exclusive: LoRA already freezes the base weights",
+        )
 
 
 def decay_steps(t: TrainConfig) -> int:
@@ -641,7 +783,9 @@ def checkpoint_every(spec: str) -> int:
     """train.activation_checkpointing as a Block interval: 0 for none, 1 for full (every Block), N for every_N."""
     match = re.fullmatch(r"none|full|every_([1-9][0-9]*)", spec)
     if match is None:
-        raise UserError(f"train.activation_checkpointing: {spec!r} is not none, full or every_N with N >= 1 (e.g. every_2: Blocks 0, 2, 4, ...)")
+        raise UserError(
+            f"train.activation_checkpointing: {spec!r} is not none, full or every_N with N >= 1 (e.g. every_2: Blocks 0, 2, 4, ...)"
+        )
     return 0 if spec == "none" else 1 if spec == "full" else int(match.group(1))
 
 

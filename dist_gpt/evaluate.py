@@ -104,7 +104,9 @@ def scored_text_size(data: Tokens, tokenizer: Any) -> tuple[int, int]:
     scored[data.starts[:-1][data.starts[:-1] < len(data.ids)]] = False
     if data.mask is not None:
         scored &= np.asarray(data.mask) == 1
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], scored.astype(np.int8), [0]])))  # run starts and ends, alternating
+    edges = np.flatnonzero(
+        np.diff(np.concatenate([[0], scored.astype(np.int8), [0]]))
+    )  # run starts and ends, alternating
     chars = nbytes = 0
     for lo, hi in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
         for a in range(lo, hi, DECODE_CHUNK):
@@ -124,12 +126,16 @@ def evaluate(model: torch.nn.Module, data: Tokens, block_size: int, batch_size: 
     for x, y in batches(data, spec, batch_size):
         logits, _ = model(x.to(device))
         y = y.to(device)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum").item()
+        total += F.cross_entropy(
+            logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        ).item()
         count += int((y != IGNORE_INDEX).sum())
     return total, count, len(spec)
 
 
-def summarize(run: str, what: str, nll: float, count: int, n_windows: int, block_size: int, chars: int, nbytes: int) -> Result:
+def summarize(
+    run: str, what: str, nll: float, count: int, n_windows: int, block_size: int, chars: int, nbytes: int
+) -> Result:
     if count == 0:
         raise UserError(f"{what} has no token to score (it needs at least two tokens)")
     loss, bits = nll / count, nll / math.log(2)
@@ -158,7 +164,9 @@ def split_tokens(data_dir: Path, split: str, tokenizer: Any) -> Tokens:
 
     meta = load_meta(data_dir)
     if meta.get("tokenizer_fingerprint") != tokenizer.fingerprint():
-        raise UserError(f"{data_dir} was prepared with a different tokenizer than the run's: evaluate that text with --data.source=PATH instead")
+        raise UserError(
+            f"{data_dir} was prepared with a different tokenizer than the run's: evaluate that text with --data.source=PATH instead"
+        )
     s = open_split(data_dir, split)
     if s.sft:
         return Tokens(np.asarray(s.tokens), np.asarray(s.offsets, dtype=np.int64), np.asarray(s.mask))
@@ -194,11 +202,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory written by pretrain or finetune")
     p.add_argument(
-        "--task", default="lm", choices=("lm", "hellaswag"), help="lm: loss and bits on a split or file (default); hellaswag: multiple-choice accuracy"
+        "--task",
+        default="lm",
+        choices=("lm", "hellaswag"),
+        help="lm: loss and bits on a split or file (default); hellaswag: multiple-choice accuracy",
     )
     p.add_argument("--split", default="val", choices=("val", "train"), help="prepared split to evaluate (default: val)")
-    p.add_argument("--data.source", dest="source", default="", metavar="PATH", help="evaluate this text file instead, encoded with the run's tokenizer")
-    p.add_argument("--data.dir", dest="data_dir", default="", metavar="DIR", help="prepared data folder (default: the run's data.dir, or data/<data.name>)")
+    p.add_argument(
+        "--data.source",
+        dest="source",
+        default="",
+        metavar="PATH",
+        help="evaluate this text file instead, encoded with the run's tokenizer",
+    )
+    p.add_argument(
+        "--data.dir",
+        dest="data_dir",
+        default="",
+        metavar="DIR",
+        help="prepared data folder (default: the run's data.dir, or data/<data.name>)",
+    )
     p.add_argument(
         "--data.unknown",
         dest="unknown",
@@ -232,7 +255,9 @@ def parse_args(args: list[str]) -> argparse.Namespace:
     if opts.task == "hellaswag" and (opts.source or opts.data_dir):
         raise UserError("--data.source and --data.dir are for --task lm; --task hellaswag reads --data FILE.jsonl")
     if opts.task == "lm" and opts.items:
-        raise UserError("--data FILE.jsonl is the HellaSwag file: add --task hellaswag (for a text file use --data.source=PATH)")
+        raise UserError(
+            "--data FILE.jsonl is the HellaSwag file: add --task hellaswag (for a text file use --data.source=PATH)"
+        )
     return opts
 
 
@@ -245,7 +270,9 @@ def out_of_memory_is_user_error(batch_size: int) -> Iterator[None]:
         text = str(e)
         if not isinstance(e, torch.OutOfMemoryError) and "memory" not in text.lower():
             raise
-        raise UserError(f"out of memory at --batch_size {batch_size}: lower --batch_size ({shorten(text.splitlines()[0])})") from None
+        raise UserError(
+            f"out of memory at --batch_size {batch_size}: lower --batch_size ({shorten(text.splitlines()[0])})"
+        ) from None
 
 
 def format_table(r: Result) -> str:
@@ -274,13 +301,20 @@ def main(args: list[str]) -> Result | HellaSwagResult:
     run = load_run(opts.run, device=str(device))
     tok, T = run.tokenizer, run.config.model.block_size
     if opts.source:
-        data, what = file_tokens(Path(opts.source).expanduser(), tok, opts.unknown), f"{opts.source} ({tok.kind} tokenizer)"
+        data, what = (
+            file_tokens(Path(opts.source).expanduser(), tok, opts.unknown),
+            f"{opts.source} ({tok.kind} tokenizer)",
+        )
     else:
         data_dir = Path(opts.data_dir).expanduser() if opts.data_dir else run.config.data_dir
         if not (data_dir / "meta.json").is_file():
-            raise UserError(f"the run's prepared data is not at {data_dir}: pass --data.dir=DIR (the prepared folder) or --data.source=PATH (a text file)")
+            raise UserError(
+                f"the run's prepared data is not at {data_dir}: pass --data.dir=DIR (the prepared folder) or --data.source=PATH (a text file)"
+            )
         data = split_tokens(data_dir, opts.split, tok)
-        what = f"{data_dir} ({opts.split} split{', SFT responses' if data.mask is not None else ''}, {tok.kind} tokenizer)"
+        what = (
+            f"{data_dir} ({opts.split} split{', SFT responses' if data.mask is not None else ''}, {tok.kind} tokenizer)"
+        )
     with out_of_memory_is_user_error(opts.batch_size):
         nll, count, n_windows = evaluate(run.model, data, T, opts.batch_size)
     chars, nbytes = scored_text_size(data, tok)
@@ -298,7 +332,15 @@ def hellaswag(opts: argparse.Namespace, device: torch.device) -> HellaSwagResult
     run = load_run(opts.run, device=str(device))
     model = run.model.eval()
     with out_of_memory_is_user_error(opts.batch_size):
-        choices = predict(lambda x: model(x)[0], items, run.tokenizer, run.config.model.block_size, opts.batch_size, device, opts.unknown)
+        choices = predict(
+            lambda x: model(x)[0],
+            items,
+            run.tokenizer,
+            run.config.model.block_size,
+            opts.batch_size,
+            device,
+            opts.unknown,
+        )
     acc, acc_norm = accuracy(items, choices)
     result = HellaSwagResult(run=str(run.run_dir), data=str(path), items=len(items), acc=acc, acc_norm=acc_norm)
     print(json.dumps(asdict(result)) if opts.json else format_result(result), file=sys.stdout, flush=True)

@@ -118,11 +118,17 @@ def cpu_info(cpuinfo_path: str = "/proc/cpuinfo") -> CpuInfo:
     if flags:
         native: bool | None = bool({"avx512_bf16", "amx_bf16", "bf16"} & flags)
     else:  # no /proc/cpuinfo (macOS, ...): torch's own CPUID check for x86, else unknown
-        native = True if _torch_cpu_check("_is_avx512_bf16_supported") or _torch_cpu_check("_is_amx_tile_supported") else None
+        native = (
+            True
+            if _torch_cpu_check("_is_avx512_bf16_supported") or _torch_cpu_check("_is_amx_tile_supported")
+            else None
+        )
     forced = os.environ.get(CPU_BF16_ENV, "")
     if forced:
         if forced not in ("0", "1"):
-            raise UserError(f"{CPU_BF16_ENV} must be 0 (no bf16 instructions) or 1 (fast bf16), got {forced!r}; unset it to detect")
+            raise UserError(
+                f"{CPU_BF16_ENV} must be 0 (no bf16 instructions) or 1 (fast bf16), got {forced!r}; unset it to detect"
+            )
         native = forced == "1"
     return CpuInfo(name, flags, native, forced)
 
@@ -172,12 +178,19 @@ def decide(model: GPTConfig, train: TrainConfig, device: torch.device | str) -> 
         return _decide_cpu(model, train)
     precision = "no" if train.mixed_precision == "auto" else train.mixed_precision
     attn = "sdpa" if model.attn_impl == "auto" else model.attn_impl
-    return Decisions(precision, attn, torch.float32, [f"{device.type}: no probe for this device; precision {precision}, attention {attn}"])
+    return Decisions(
+        precision,
+        attn,
+        torch.float32,
+        [f"{device.type}: no probe for this device; precision {precision}, attention {attn}"],
+    )
 
 
 def _decide_cuda(model: GPTConfig, train: TrainConfig, device: torch.device) -> Decisions:
     native, gpu = cuda_bf16(device)
-    d = Decisions("", "sdpa" if model.attn_impl == "auto" else model.attn_impl, torch.bfloat16 if native else torch.float32)
+    d = Decisions(
+        "", "sdpa" if model.attn_impl == "auto" else model.attn_impl, torch.bfloat16 if native else torch.float32
+    )
     choice = train.mixed_precision
     if choice == "auto":
         d.precision = "bf16" if native else "fp16"
@@ -190,7 +203,9 @@ def _decide_cuda(model: GPTConfig, train: TrainConfig, device: torch.device) -> 
         d.reasons.append(f"precision {choice}: set by train.mixed_precision")
         if choice == "bf16" and not native:
             if not torch.cuda.is_bf16_supported():
-                raise UserError(f"train.mixed_precision=bf16 but {gpu} has no bf16; use train.mixed_precision=auto (fp16)")
+                raise UserError(
+                    f"train.mixed_precision=bf16 but {gpu} has no bf16; use train.mixed_precision=auto (fp16)"
+                )
             d.warnings.append(
                 f"train.mixed_precision=bf16 on {gpu}: bf16 is emulated there and runs several times slower; "
                 "use train.mixed_precision=auto (fp16 with loss scaling)"
@@ -198,7 +213,9 @@ def _decide_cuda(model: GPTConfig, train: TrainConfig, device: torch.device) -> 
     if model.attn_impl == "auto":
         d.reasons.append("attention sdpa: fused attention kernels on CUDA")
     if train.optimizer == "muon":
-        d.reasons.append(f"Muon Newton-Schulz in {NS_NAMES[d.ns_dtype]}: {gpu} {'has' if native else 'has no'} native bf16")
+        d.reasons.append(
+            f"Muon Newton-Schulz in {NS_NAMES[d.ns_dtype]}: {gpu} {'has' if native else 'has no'} native bf16"
+        )
     return d
 
 
@@ -208,12 +225,16 @@ def _decide_cpu(model: GPTConfig, train: TrainConfig) -> Decisions:
     if model.kind == "bigram":
         precision = "bf16" if train.mixed_precision == "bf16" else "no"
         why = "set by train.mixed_precision" if precision == "bf16" else "the bigram model has no matmuls to speed up"
-        return Decisions(precision, "sdpa", torch.float32, [f"precision {'fp32' if precision == 'no' else 'bf16'}: {why}"], warnings)
+        return Decisions(
+            precision, "sdpa", torch.float32, [f"precision {'fp32' if precision == 'no' else 'bf16'}: {why}"], warnings
+        )
     choice = "no" if train.mixed_precision == "fp16" else train.mixed_precision
     precisions = [choice] if choice != "auto" else (["no"] if info.native_bf16 is False else ["no", "bf16"])
     impls = ["sdpa", "matmul"] if model.attn_impl == "auto" else [model.attn_impl]
     probe_ns = train.optimizer == "muon" and info.native_bf16 is not False
-    emulated = info.native_bf16 is False and precisions == ["bf16"]  # forced bf16 without bf16 instructions: not worth timing
+    emulated = info.native_bf16 is False and precisions == [
+        "bf16"
+    ]  # forced bf16 without bf16 instructions: not worth timing
     if os.environ.get(PROBE_ENV, "1") == "0" or info.forced == "1" or emulated:
         d = _by_capability(model, info, choice, precisions, impls)
     elif len(precisions) == 1 and len(impls) == 1 and not probe_ns:
@@ -227,9 +248,13 @@ def _decide_cpu(model: GPTConfig, train: TrainConfig) -> Decisions:
                 _cache_write(key, d)
         if d is None:  # the probe was too slow to finish in its budget
             d = _by_capability(model, info, choice, precisions, impls)
-            d.reasons.append(f"(no probe: one attention sublayer's forward + backward takes over {PROBE_BUDGET_S} s at this size)")
+            d.reasons.append(
+                f"(no probe: one attention sublayer's forward + backward takes over {PROBE_BUDGET_S} s at this size)"
+            )
     if train.optimizer == "muon" and not any(r.startswith("Muon") for r in d.reasons):
-        why = {True: "bf16 instructions", False: "bf16 would be emulated", None: "bf16 not known to be fast"}[info.native_bf16]
+        why = {True: "bf16 instructions", False: "bf16 would be emulated", None: "bf16 not known to be fast"}[
+            info.native_bf16
+        ]
         d.reasons.append(f"Muon Newton-Schulz in {NS_NAMES[d.ns_dtype]}: {why} ({info.describe()})")
     d.warnings = warnings
     return d
@@ -237,7 +262,9 @@ def _decide_cpu(model: GPTConfig, train: TrainConfig) -> Decisions:
 
 def _cpu_warnings(info: CpuInfo, train: TrainConfig) -> list[str]:
     if train.mixed_precision == "fp16":
-        return ["train.mixed_precision=fp16 does nothing useful on a CPU; training in fp32 (train.mixed_precision=auto picks bf16 where it is fast)"]
+        return [
+            "train.mixed_precision=fp16 does nothing useful on a CPU; training in fp32 (train.mixed_precision=auto picks bf16 where it is fast)"
+        ]
     if train.mixed_precision == "bf16" and info.native_bf16 is False:
         return [
             f"train.mixed_precision=bf16 on a CPU without bf16 instructions ({info.describe()}): bf16 is emulated, "
@@ -263,7 +290,10 @@ def _by_capability(model: GPTConfig, info: CpuInfo, choice: str, precisions: lis
     elif "matmul" in impls or model.n_embd >= 256:  # bf16 SDPA's backward is slow on CPUs at small widths
         precision, p_reason = "bf16", f"precision bf16: bf16 instructions {why}"
     else:
-        precision, p_reason = "no", f"precision fp32: bf16 SDPA's backward is slow on CPUs, which cancels bf16's gain at n_embd < 256 {why}"
+        precision, p_reason = (
+            "no",
+            f"precision fp32: bf16 SDPA's backward is slow on CPUs, which cancels bf16's gain at n_embd < 256 {why}",
+        )
     d = Decisions(precision, impls[0], torch.bfloat16 if info.native_bf16 else torch.float32, [p_reason])
     if len(impls) > 1:
         fast_bf16 = precision == "bf16" and info.native_bf16
@@ -305,7 +335,15 @@ def _fwd_bwd(module: torch.nn.Module, x: torch.Tensor, precision: str) -> Callab
     return run
 
 
-def _by_probe(model: GPTConfig, train: TrainConfig, info: CpuInfo, choice: str, precisions: list[str], impls: list[str], probe_ns: bool) -> Decisions | None:
+def _by_probe(
+    model: GPTConfig,
+    train: TrainConfig,
+    info: CpuInfo,
+    choice: str,
+    precisions: list[str],
+    impls: list[str],
+    probe_ns: bool,
+) -> Decisions | None:
     """Time the model's own attention and MLP sublayers, forward + backward; None if the first attention run exceeds the budget.
 
     Estimated step time per layer: B * attn(precision, kernel), timed on one sequence (1, T, C), + B*T/R * mlp(precision),
@@ -330,7 +368,9 @@ def _by_probe(model: GPTConfig, train: TrainConfig, info: CpuInfo, choice: str, 
         if len(precisions) > 1 or probe_ns:
             rows = torch.randn(1, min(MLP_PROBE_ROWS, B * T), C, requires_grad=True)
             for precision in ("no", "bf16"):
-                mlp[precision] = _seconds(_fwd_bwd(MLP(model).train(), rows, precision), deadline, 3 * mlp.get("no", math.inf))
+                mlp[precision] = _seconds(
+                    _fwd_bwd(MLP(model).train(), rows, precision), deadline, 3 * mlp.get("no", math.inf)
+                )
     took = time.perf_counter() - start
 
     def step(precision: str, impl: str) -> float:
@@ -354,7 +394,11 @@ def _by_probe(model: GPTConfig, train: TrainConfig, info: CpuInfo, choice: str, 
     impl = best_impl(precision)
     if len(impls) > 1:
         speedup = attn[precision, "sdpa"] / attn[precision, "matmul"]
-        verdict = f"{speedup:.2f}x sdpa's speed" if impl == "matmul" else f"matmul only {speedup:.2f}x its speed (needs {MATMUL_MARGIN}x)"
+        verdict = (
+            f"{speedup:.2f}x sdpa's speed"
+            if impl == "matmul"
+            else f"matmul only {speedup:.2f}x its speed (needs {MATMUL_MARGIN}x)"
+        )
         at = f"({B}, {model.n_head}, {T}, {C // model.n_head}) in {'bf16' if precision == 'bf16' else 'fp32'}"
         reasons.append(f"attention {impl}: {verdict}, forward + backward at {at}, in {where}")
     ns = torch.float32
@@ -373,8 +417,13 @@ def cache_path() -> Path:
     return Path(root) / "dist_gpt" / "hardware.json"
 
 
-def _cache_key(info: CpuInfo, model: GPTConfig, train: TrainConfig, precisions: list[str], impls: list[str], probe_ns: bool) -> str:
-    shape = {k: getattr(model, k) for k in ("block_size", "n_embd", "n_head", "mlp_ratio", "activation", "dropout", "bias", "qk_norm", "pos_emb")}
+def _cache_key(
+    info: CpuInfo, model: GPTConfig, train: TrainConfig, precisions: list[str], impls: list[str], probe_ns: bool
+) -> str:
+    shape = {
+        k: getattr(model, k)
+        for k in ("block_size", "n_embd", "n_head", "mlp_ratio", "activation", "dropout", "bias", "qk_norm", "pos_emb")
+    }
     facts = {
         "cpu": info.name,
         "flags": hashlib.sha256(" ".join(sorted(info.flags)).encode()).hexdigest()[:16],
@@ -400,7 +449,11 @@ def _cache_read(key: str) -> Decisions | None:
     entry = _cache_entries().get(key)
     try:
         d = Decisions.from_dict(entry)
-        if d.precision not in ("no", "bf16") or d.attn_impl not in ("sdpa", "matmul") or not all(isinstance(r, str) for r in d.reasons):
+        if (
+            d.precision not in ("no", "bf16")
+            or d.attn_impl not in ("sdpa", "matmul")
+            or not all(isinstance(r, str) for r in d.reasons)
+        ):
             return None
     except (KeyError, TypeError, AttributeError):
         return None

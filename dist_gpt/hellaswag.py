@@ -33,7 +33,9 @@ from dist_gpt.errors import UserError
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 CACHE = Path("data/hellaswag")  # where the downloaded validation file is kept
-REFERENCE = "GPT-2 124M: acc 28.59%, acc_norm 29.55% on the 10,042 validation items (llm.c, the same completion-style scoring)"
+REFERENCE = (
+    "GPT-2 124M: acc 28.59%, acc_norm 29.55% on the 10,042 validation items (llm.c, the same completion-style scoring)"
+)
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # token ids (B, T) -> logits (B, T, V)
 
@@ -77,7 +79,9 @@ def read_items(path: Path) -> list[Item]:
                 if line.strip():
                     items.append(_item(line, f"{path}:{number}"))
         except UnicodeDecodeError as e:
-            raise UserError(f"{path} is not UTF-8 text (near byte {e.start} of a line): is it the HellaSwag jsonl?") from None
+            raise UserError(
+                f"{path} is not UTF-8 text (near byte {e.start} of a line): is it the HellaSwag jsonl?"
+            ) from None
     if not items:
         raise UserError(f"{path} holds no items: it should be HellaSwag jsonl, one item per line")
     return items
@@ -102,7 +106,9 @@ def _item(line: str, where: str) -> Item:
         label = int(label)
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(endings):
         hint = " (the HellaSwag test split has no labels; use the validation file)" if label is None else ""
-        raise UserError(f"{where}: 'label' must be the index of the right ending, 0 to {len(endings) - 1}, got {clip(label)}{hint}")
+        raise UserError(
+            f"{where}: 'label' must be the index of the right ending, 0 to {len(endings) - 1}, got {clip(label)}{hint}"
+        )
     return Item(context, list(endings), label)
 
 
@@ -113,8 +119,13 @@ def find_data(path: str, log: Callable[[str], None] = print) -> Path:
     cached = CACHE / Path(VAL_URL).name
     if cached.is_file():
         return cached
-    if any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        raise UserError(f"no HellaSwag file at {cached} and the network is off: download {VAL_URL} elsewhere and pass --data FILE.jsonl")
+    if any(
+        os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+        for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    ):
+        raise UserError(
+            f"no HellaSwag file at {cached} and the network is off: download {VAL_URL} elsewhere and pass --data FILE.jsonl"
+        )
     from dist_gpt.prepare import download  # the toolkit's one downloader (atomic, resumes nothing half-written)
 
     return download(VAL_URL, "", CACHE, log)
@@ -153,7 +164,9 @@ def batches(rows: list[Row], batch_size: int) -> Iterator[tuple[torch.Tensor, to
 
 
 @torch.no_grad()
-def score_rows(forward: Forward, rows: list[Row], batch_size: int, device: torch.device | str = "cpu") -> list[tuple[float, int]]:
+def score_rows(
+    forward: Forward, rows: list[Row], batch_size: int, device: torch.device | str = "cpu"
+) -> list[tuple[float, int]]:
     """(summed log-probability, scored tokens) of each row's ending."""
     out = []
     for x, y, mask in batches(rows, batch_size):
@@ -173,7 +186,13 @@ def choose(scores: list[tuple[float, int]]) -> tuple[int, int]:
 
 
 def predict(
-    forward: Forward, items: list[Item], tokenizer: Any, block_size: int, batch_size: int = 32, device: torch.device | str = "cpu", unknown: str = "error"
+    forward: Forward,
+    items: list[Item],
+    tokenizer: Any,
+    block_size: int,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    unknown: str = "error",
 ) -> list[tuple[int, int]]:
     """(choice by total, choice by per-token mean) for every item; the forward passes batch rows across items."""
     rows = [item_rows(item, tokenizer, block_size, unknown) for item in items]
@@ -189,7 +208,9 @@ def predict(
 def accuracy(items: list[Item], choices: list[tuple[int, int]]) -> tuple[float, float]:
     """(acc, acc_norm)."""
     n = len(items)
-    return sum(c[0] == it.label for it, c in zip(items, choices, strict=True)) / n, sum(c[1] == it.label for it, c in zip(items, choices, strict=True)) / n
+    return sum(c[0] == it.label for it, c in zip(items, choices, strict=True)) / n, sum(
+        c[1] == it.label for it, c in zip(items, choices, strict=True)
+    ) / n
 
 
 def format_result(r: HellaSwagResult) -> str:

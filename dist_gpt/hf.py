@@ -39,9 +39,25 @@ from dist_gpt.io import atomic_write_json, atomic_write_text, disk_error, read_j
 from dist_gpt.rundir import is_run_dir, load_run
 from dist_gpt.tokenizers import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer
 
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # stored [in, out] by transformers
-ACTIVATIONS = {"gelu": "gelu_new", "gelu_exact": "gelu", "relu": "relu", "relu2": "relu2"}  # ours -> GPT-2's (our gelu is the tanh approximation)
-HF_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact", "relu": "relu", "relu2": "relu2"}  # GPT-2's -> ours
+CONV1D = (
+    "attn.c_attn.weight",
+    "attn.c_proj.weight",
+    "mlp.c_fc.weight",
+    "mlp.c_proj.weight",
+)  # stored [in, out] by transformers
+ACTIVATIONS = {
+    "gelu": "gelu_new",
+    "gelu_exact": "gelu",
+    "relu": "relu",
+    "relu2": "relu2",
+}  # ours -> GPT-2's (our gelu is the tanh approximation)
+HF_ACTIVATIONS = {
+    "gelu_new": "gelu",
+    "gelu_pytorch_tanh": "gelu",
+    "gelu": "gelu_exact",
+    "relu": "relu",
+    "relu2": "relu2",
+}  # GPT-2's -> ours
 LAYER_NORM_EPS = 1e-5  # torch's nn.LayerNorm default, which GPT uses; GPT-2's too
 PREFIX = "hf:"
 EXPORT_MARKER = ".dist_gpt_export"  # in every folder export_hf writes: only such a folder may be replaced (--overwrite)
@@ -88,11 +104,16 @@ def to_hf_config(c: GPTConfig) -> Any:
 def from_hf_config(hf: dict[str, Any], where: str) -> GPTConfig:
     """Our GPTConfig for a GPT-2 config.json, or a UserError saying which setting has no equivalent."""
     if hf.get("model_type") != "gpt2":
-        raise UserError(f"{where} holds a {hf.get('model_type')!r} model; only the GPT-2 architecture (model_type gpt2) can be imported")
+        raise UserError(
+            f"{where} holds a {hf.get('model_type')!r} model; only the GPT-2 architecture (model_type gpt2) can be imported"
+        )
     n_embd, n_inner, act = hf.get("n_embd", 768), hf.get("n_inner"), hf.get("activation_function", "gelu_new")
     checks = {
         f"activation_function={act!r} (supported: {', '.join(HF_ACTIVATIONS)})": act in HF_ACTIVATIONS,
-        f"layer_norm_epsilon={hf.get('layer_norm_epsilon')} (GPT uses {LAYER_NORM_EPS})": hf.get("layer_norm_epsilon", LAYER_NORM_EPS) == LAYER_NORM_EPS,
+        f"layer_norm_epsilon={hf.get('layer_norm_epsilon')} (GPT uses {LAYER_NORM_EPS})": hf.get(
+            "layer_norm_epsilon", LAYER_NORM_EPS
+        )
+        == LAYER_NORM_EPS,
         "scale_attn_weights=false": hf.get("scale_attn_weights", True),
         "scale_attn_by_inverse_layer_idx=true": not hf.get("scale_attn_by_inverse_layer_idx", False),
         "add_cross_attention=true": not hf.get("add_cross_attention", False),
@@ -135,7 +156,9 @@ def to_hf_state(state: dict[str, torch.Tensor], c: GPTConfig) -> dict[str, torch
     full = dataclasses.replace(c, bias=True, mlp=True)  # the parameter set GPT-2 always has
     out = {}
     for key, shape in _shapes(full).items():
-        tensor = state[key] if key in state else torch.zeros(shape, dtype=state["transformer.wte.weight"].dtype)  # zero bias / zero MLP: exact
+        tensor = (
+            state[key] if key in state else torch.zeros(shape, dtype=state["transformer.wte.weight"].dtype)
+        )  # zero bias / zero MLP: exact
         out[key] = tensor.t().contiguous() if key.endswith(CONV1D) else tensor.contiguous()
     return out
 
@@ -145,12 +168,16 @@ def from_hf_state(hf_state: dict[str, torch.Tensor], c: GPTConfig, where: str) -
     expected = _shapes(c)
     missing = [k for k in expected if k not in hf_state]
     if missing:
-        raise UserError(f"{where} lacks the weights {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}: not a complete GPT-2 model")
+        raise UserError(
+            f"{where} lacks the weights {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}: not a complete GPT-2 model"
+        )
     out = {}
     for key, shape in expected.items():
         tensor = hf_state[key].t() if key.endswith(CONV1D) else hf_state[key]
         if tensor.shape != shape:
-            raise UserError(f"{where}: {key} has shape {tuple(tensor.shape)}, expected {tuple(shape)} for its config.json")
+            raise UserError(
+                f"{where}: {key} has shape {tuple(tensor.shape)}, expected {tuple(shape)} for its config.json"
+            )
         out[key] = tensor.detach().to(torch.float32).contiguous()
     return out
 
@@ -167,8 +194,12 @@ def _gpt2_hf_tokenizer(tok: GPT2Tokenizer) -> Any:
 
     with tempfile.TemporaryDirectory() as tmp:  # the converter reads the ranks from a file in tiktoken's format
         ranks = Path(tmp) / "gpt2.tiktoken"
-        ranks.write_text("".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in tok.enc._mergeable_ranks.items()))
-        return TikTokenConverter(vocab_file=str(ranks), pattern=tok.enc._pat_str, extra_special_tokens=tok.enc._special_tokens).converted()
+        ranks.write_text(
+            "".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in tok.enc._mergeable_ranks.items())
+        )
+        return TikTokenConverter(
+            vocab_file=str(ranks), pattern=tok.enc._pat_str, extra_special_tokens=tok.enc._special_tokens
+        ).converted()
 
 
 def to_hf_tokenizer(tok: Tokenizer) -> Any:
@@ -191,7 +222,9 @@ def from_hf_tokenizer(hf_tok: Any) -> Tokenizer:
 # ----------------------------------------------------------------------------- export
 
 
-def export_hf(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, log: Callable[[str], None] = print) -> Path:
+def export_hf(
+    run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, log: Callable[[str], None] = print
+) -> Path:
     """Write RUN_DIR's model and tokenizer as a transformers GPT-2 folder, with a model card; all or nothing.
 
     out_dir gets config.json, generation_config.json, model.safetensors (float32, GPT-2 layout),
@@ -202,7 +235,9 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
     from dist_gpt.hub import write_model_card
 
     run = load_run(run_dir)
-    out = Path(os.path.abspath(Path(out_dir).expanduser()))  # absolute and normalised: '.' and '..' have no name to put a temp folder beside
+    out = Path(
+        os.path.abspath(Path(out_dir).expanduser())
+    )  # absolute and normalised: '.' and '..' have no name to put a temp folder beside
     replace = check_out_dir(out, run.run_dir, overwrite)
     hf_config = to_hf_config(run.config.model)  # refuses what GPT-2 cannot express before anything is written
     try:
@@ -220,7 +255,9 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
         raise disk_error(out, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"exported {run.run_dir} ({n / 1e6:.2f}M parameters, tokenizer {run.tokenizer.kind}) to {out} as a transformers GPT-2 model, with a model card")
+    log(
+        f"exported {run.run_dir} ({n / 1e6:.2f}M parameters, tokenizer {run.tokenizer.kind}) to {out} as a transformers GPT-2 model, with a model card"
+    )
     return out
 
 
@@ -238,7 +275,11 @@ def write_export(run: Any, hf_config: Any, out: Path) -> int:
     atomic_write_text(out / "config.json", hf_config.to_json_string())
     atomic_write_text(out / "generation_config.json", GenerationConfig.from_model_config(hf_config).to_json_string())
     atomic_write_text(out / "tokenizer.json", hf_tok.to_str())
-    tok_config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": c.block_size, "clean_up_tokenization_spaces": False}
+    tok_config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": c.block_size,
+        "clean_up_tokenization_spaces": False,
+    }
     if eos:
         tok_config.update(bos_token=eos, eos_token=eos)
     atomic_write_json(out / "tokenizer_config.json", tok_config)
@@ -253,17 +294,27 @@ def check_out_dir(out: Path, run_dir: Path, overwrite: bool) -> bool:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {where} is a file; pass a folder for the export")
     if target == run or target in run.parents:
-        raise UserError(f"--out {where} is the run being exported or a folder above it; export to a folder of its own, e.g. hf/{run.name}")
+        raise UserError(
+            f"--out {where} is the run being exported or a folder above it; export to a folder of its own, e.g. hf/{run.name}"
+        )
     if is_run_dir(out):
-        raise UserError(f"--out {where} is a dist_gpt run directory; an export never writes into a run: choose another folder")
+        raise UserError(
+            f"--out {where} is a dist_gpt run directory; an export never writes into a run: choose another folder"
+        )
     if target == REPO or target in REPO.parents:
-        raise UserError(f"--out {where} is the repository or a folder above it; export to a folder of its own, e.g. hf/{run.name}")
+        raise UserError(
+            f"--out {where} is the repository or a folder above it; export to a folder of its own, e.g. hf/{run.name}"
+        )
     if not out.is_dir() or not any(out.iterdir()):
         return out.is_dir()
     if not (out / EXPORT_MARKER).is_file():
-        raise UserError(f"--out {where} already holds files that no export wrote (no {EXPORT_MARKER}); choose a new or empty folder")
+        raise UserError(
+            f"--out {where} already holds files that no export wrote (no {EXPORT_MARKER}); choose a new or empty folder"
+        )
     if not overwrite:
-        raise UserError(f"--out {where} holds an earlier export; pass --overwrite to replace it, or choose another --out")
+        raise UserError(
+            f"--out {where} holds an earlier export; pass --overwrite to replace it, or choose another --out"
+        )
     return True
 
 
@@ -288,7 +339,10 @@ def swap_in(tmp: Path, out: Path, replace: bool) -> None:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def resolve_hf(spec: str) -> Path:
@@ -308,7 +362,9 @@ def resolve_hf(spec: str) -> Path:
     try:
         return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
     except Exception as e:  # offline, not found, gated, no network: all mean "no local copy"
-        why = "HF_HUB_OFFLINE is set" if _offline() else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        why = (
+            "HF_HUB_OFFLINE is set" if _offline() else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        )
         raise UserError(
             f"hf:{name} is not a local folder and could not be downloaded from the Hugging Face Hub ({why}); "
             f"download it where there is network (`huggingface-cli download {name} --local-dir DIR`) and pass hf:DIR"
@@ -335,7 +391,9 @@ def load_hf_tokenizer(spec: str) -> Tokenizer:
         return from_hf_tokenizer(AutoTokenizer.from_pretrained(str(path), trust_remote_code=False).backend_tokenizer)
     if read_json(path / "config.json", "model config").get("vocab_size") == 50257:
         return GPT2Tokenizer()
-    raise UserError(f"{path} has no tokenizer (tokenizer.json, or vocab.json + merges.txt): add the tokenizer files of the model")
+    raise UserError(
+        f"{path} has no tokenizer (tokenizer.json, or vocab.json + merges.txt): add the tokenizer files of the model"
+    )
 
 
 def _names(names: list[str]) -> str:
@@ -355,17 +413,25 @@ def weight_files(path: Path) -> list[Path]:
         names = sorted(set(map(str, weight_map.values())))
         bad = [n for n in names if not n.endswith(".safetensors") or Path(n).name != n]
         if bad:
-            raise UserError(f"{index} points to {_names(bad)}: dist_gpt reads weights from safetensors files in the folder only")
+            raise UserError(
+                f"{index} points to {_names(bad)}: dist_gpt reads weights from safetensors files in the folder only"
+            )
         return [path / n for n in names]
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
-    pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES or p.name.endswith(tuple(f"{s}.index.json" for s in PICKLE_SUFFIXES)))
+    pickled = sorted(
+        p.name
+        for p in path.iterdir()
+        if p.suffix in PICKLE_SUFFIXES or p.name.endswith(tuple(f"{s}.index.json" for s in PICKLE_SUFFIXES))
+    )
     if pickled:
         raise UserError(
             f"{path} holds its weights as {_names(pickled)}: pickle files, which can run code when loaded, and dist_gpt never "
             "unpickles; convert them to safetensors (transformers: from_pretrained then save_pretrained(DIR, safe_serialization=True)) where you trust them"
         )
-    raise UserError(f"{path} has no .safetensors weights (model.safetensors or model.safetensors.index.json): not a model folder dist_gpt can load")
+    raise UserError(
+        f"{path} has no .safetensors weights (model.safetensors or model.safetensors.index.json): not a model folder dist_gpt can load"
+    )
 
 
 def read_hf_state(path: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
@@ -393,7 +459,9 @@ def load_hf_gpt2(spec: str) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokeniz
     config = from_hf_config(read_json(path / "config.json", "model config"), str(path))
     tokenizer = load_hf_tokenizer(str(path))
     if tokenizer.vocab_size > config.vocab_size:
-        raise UserError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}")
+        raise UserError(
+            f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}"
+        )
     return config, from_hf_state(read_hf_state(path, config), config, str(path)), tokenizer
 
 
@@ -412,9 +480,23 @@ def main(args: list[str]) -> Path:
         "with a model card (README.md, loss.png); optionally upload it to the Hugging Face Hub.",
     )
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory written by pretrain or finetune")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder to write: new, empty, or an earlier export (never a run directory)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (a folder holding other files is never replaced)")
-    p.add_argument("--push_to_hub", default="", metavar="OWNER/NAME", help="then upload the folder to this Hub model repository (needs network and a token)")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="folder to write: new, empty, or an earlier export (never a run directory)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier export in --out (a folder holding other files is never replaced)",
+    )
+    p.add_argument(
+        "--push_to_hub",
+        default="",
+        metavar="OWNER/NAME",
+        help="then upload the folder to this Hub model repository (needs network and a token)",
+    )
     opts = p.parse_args(args)
     if opts.push_to_hub:
         check_repo_id(opts.push_to_hub)  # before the export, so a typo costs nothing

@@ -175,7 +175,12 @@ def model_card(run: Any, n_params: int, curves: Any = None) -> str:
     lines += ["## A sample", ""]
     if sample:
         prompt = str(sample.get("prompt", ""))
-        lines += [f"At step {cell(sample.get('step'))}, from the prompt {clip(prompt)}:", "", fenced(prompt + sample["text"]), ""]
+        lines += [
+            f"At step {cell(sample.get('step'))}, from the prompt {clip(prompt)}:",
+            "",
+            fenced(prompt + sample["text"]),
+            "",
+        ]
     else:
         lines += ["not recorded (the run has no samples.jsonl)", ""]
     return "\n".join(lines)
@@ -194,7 +199,10 @@ def write_model_card(run: Any, out: Path, n_params: int) -> Path:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -203,11 +211,15 @@ def check_repo_id(repo_id: str) -> None:
     from huggingface_hub.utils import validate_repo_id
 
     if repo_id.count("/") != 1:
-        raise UserError(f"--push_to_hub needs OWNER/NAME (a Hub user or organisation and a model name), got {clip(repo_id)}")
+        raise UserError(
+            f"--push_to_hub needs OWNER/NAME (a Hub user or organisation and a model name), got {clip(repo_id)}"
+        )
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
-        raise UserError(f"--push_to_hub {clip(repo_id)} is not a valid Hub repository id: letters, digits, '-', '_' and '.', at most 96 characters") from None
+        raise UserError(
+            f"--push_to_hub {clip(repo_id)} is not a valid Hub repository id: letters, digits, '-', '_' and '.', at most 96 characters"
+        ) from None
 
 
 def push_to_hub(folder: Path, repo_id: str) -> str:

@@ -45,7 +45,9 @@ def disk_error(path: Path, e: OSError) -> UserError:
 def read_error(path: Path, e: OSError) -> UserError:
     """One line for a file or folder that cannot be read."""
     if isinstance(e, FileNotFoundError):
-        return UserError(f"cannot read {path}: it does not exist (any more): was it moved or deleted? Check the path and run again")
+        return UserError(
+            f"cannot read {path}: it does not exist (any more): was it moved or deleted? Check the path and run again"
+        )
     if e.errno in (errno.EACCES, errno.EPERM):
         return UserError(f"cannot read {path}: permission denied; make it readable (chmod +r) or point elsewhere")
     return UserError(f"cannot read {path}: {e.strerror or e}")

@@ -122,7 +122,9 @@ def parse_ladder_args(args: list[str]) -> LadderArgs:
     if any(o.startswith("--run.out_dir=") for o in overrides):
         raise UserError("each rung trains into OUT/<rung>: choose the folder with --out DIR, not --run.out_dir")
     out = Path(opts.get("out") or ("runs/lecture_cpu" if scale == "cpu" else "runs/lecture"))
-    return LadderArgs(scale=scale, out=out, rungs=_select(opts["rungs"]) if "rungs" in opts else RUNGS, overrides=overrides)
+    return LadderArgs(
+        scale=scale, out=out, rungs=_select(opts["rungs"]) if "rungs" in opts else RUNGS, overrides=overrides
+    )
 
 
 # ----------------------------------------------------------------------------- training the rungs
@@ -152,7 +154,9 @@ def train_rung(args: list[str]) -> int:
 def ladder(args: list[str]) -> None:
     """The `launch/ladder.py` command: train every rung not yet finished, then write the report."""
     a = parse_ladder_args(args)
-    configs = {r.name: load_config(rung_config_file(r, a.scale), rung_overrides(r, a), "pretrain") for r in a.rungs}  # a typo fails now, not in rung 5
+    configs = {
+        r.name: load_config(rung_config_file(r, a.scale), rung_overrides(r, a), "pretrain") for r in a.rungs
+    }  # a typo fails now, not in rung 5
     log(f"lecture ladder, {a.scale} scale: {len(a.rungs)} rungs into {a.out}")
     for k, rung in enumerate(a.rungs, 1):
         run_dir = a.out / rung.name
@@ -162,7 +166,9 @@ def ladder(args: list[str]) -> None:
         log(f"\n[{k}/{len(a.rungs)}] {rung.name}: {rung.adds}")
         code = train_rung(["--config", rung_config_file(rung, a.scale), *rung_overrides(rung, a)])
         if code != 0:
-            raise UserError(f"rung {rung.name} failed (exit code {code}; its error is above); fix it and rerun the same command to continue")
+            raise UserError(
+                f"rung {rung.name} failed (exit code {code}; its error is above); fix it and rerun the same command to continue"
+            )
     results = [read_result(r, a.out / r.name) for r in a.rungs]
     table = write_report(results, a.out, a.scale)
     print(table)
@@ -208,13 +214,27 @@ def read_result(rung: Rung, run_dir: Path) -> RungResult:
     except UserError as e:
         raise UserError(f"rung {rung.name} has not been trained or its run is damaged: {e}") from None
     except json.JSONDecodeError as e:
-        raise UserError(f"rung {rung.name}: a file in {run_dir} is corrupt ({e}); delete that folder and rerun the ladder to train the rung again") from None
+        raise UserError(
+            f"rung {rung.name}: a file in {run_dir} is corrupt ({e}); delete that folder and rerun the ladder to train the rung again"
+        ) from None
     evals = [r for r in rows if "val_loss" in r]
     if not evals:
-        raise UserError(f"rung {rung.name}: {run_dir / 'metrics.jsonl'} holds no evaluation yet; rerun the ladder to finish it")
+        raise UserError(
+            f"rung {rung.name}: {run_dir / 'metrics.jsonl'} holds no evaluation yet; rerun the ladder to finish it"
+        )
     samples_path = run_dir / "samples.jsonl"
-    samples = [json.loads(line) for line in samples_path.read_text().splitlines() if line.strip()] if samples_path.is_file() else []
-    return RungResult(rung=rung, model=describe_model(cfg.model), params=count_params(cfg.model), evals=evals, sample=samples[-1]["text"] if samples else "")
+    samples = (
+        [json.loads(line) for line in samples_path.read_text().splitlines() if line.strip()]
+        if samples_path.is_file()
+        else []
+    )
+    return RungResult(
+        rung=rung,
+        model=describe_model(cfg.model),
+        params=count_params(cfg.model),
+        evals=evals,
+        sample=samples[-1]["text"] if samples else "",
+    )
 
 
 # ----------------------------------------------------------------------------- the report
@@ -281,7 +301,9 @@ def plot_curves(results: list[RungResult], path: Path, title: str) -> None:
 
     fig, (by_time, by_step) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for r in results:
-        line = by_time.plot([e["elapsed_s"] for e in r.evals], [e["val_loss"] for e in r.evals], marker=".", label=r.rung.name)[0]
+        line = by_time.plot(
+            [e["elapsed_s"] for e in r.evals], [e["val_loss"] for e in r.evals], marker=".", label=r.rung.name
+        )[0]
         later = [e for e in r.evals if e["step"] > 0]
         by_step.plot([e["step"] for e in later], [e["val_loss"] for e in later], marker=".", color=line.get_color())
     finals = [r.final["val_loss"] for r in results]
@@ -300,5 +322,9 @@ def plot_curves(results: list[RungResult], path: Path, title: str) -> None:
 def write_report(results: list[RungResult], out: Path, scale: str) -> str:
     """OUT/ladder.md and OUT/ladder.png; returns the table."""
     atomic_write_text(out / "ladder.md", report_text(results, scale) + "\n")
-    plot_curves(results, out / "ladder.png", f"Let's build GPT, one idea at a time ({scale} scale): val loss on Tiny Shakespeare")
+    plot_curves(
+        results,
+        out / "ladder.png",
+        f"Let's build GPT, one idea at a time ({scale} scale): val loss on Tiny Shakespeare",
+    )
     return markdown_table(results)

@@ -57,10 +57,21 @@ def merged_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[str,
     return out
 
 
-def save_adapter(state: dict[str, torch.Tensor], run_dir: Path, rank: int, alpha: float, dropout: float, base: str) -> None:
+def save_adapter(
+    state: dict[str, torch.Tensor], run_dir: Path, rank: int, alpha: float, dropout: float, base: str
+) -> None:
     """RUN_DIR/adapter.safetensors (the lora_* tensors alone, under the training module's names) and adapter_config.json."""
     save_weights({k: v for k, v in state.items() if is_adapter_key(k)}, run_dir / "adapter.safetensors")
     atomic_write_json(
         run_dir / "adapter_config.json",
-        {"kind": "lora", "rank": rank, "alpha": alpha, "scale": alpha / rank, "dropout": dropout, "target_modules": list(TARGETS), "adapter_name": ADAPTER, "base": base},
+        {
+            "kind": "lora",
+            "rank": rank,
+            "alpha": alpha,
+            "scale": alpha / rank,
+            "dropout": dropout,
+            "target_modules": list(TARGETS),
+            "adapter_name": ADAPTER,
+            "base": base,
+        },
     )

@@ -99,7 +99,9 @@ class CausalSelfAttention(nn.Module):
         elif self.attn_impl == "matmul":
             y = self._attend_matmul(q, k, v)
         else:  # training and full recomputation
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -145,7 +147,12 @@ class MLP(nn.Module):
         super().__init__()
         hidden = config.mlp_ratio * config.n_embd
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
-        self.act = {"gelu": nn.GELU(approximate="tanh"), "gelu_exact": nn.GELU(), "relu": nn.ReLU(), "relu2": _ReLUSquared()}[config.activation]
+        self.act = {
+            "gelu": nn.GELU(approximate="tanh"),
+            "gelu_exact": nn.GELU(),
+            "relu": nn.ReLU(),
+            "relu2": _ReLUSquared(),
+        }[config.activation]
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -199,10 +206,16 @@ class GPT(nn.Module):
             # row i holds the logits of the token that follows token i
             self.bigram_table = nn.Embedding(config.vocab_size, config.vocab_size)
         else:
-            layers = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))  # token embedding, also the LM head when tied
+            layers = dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd)
+            )  # token embedding, also the LM head when tied
             if config.pos_emb == "learned":  # (rope rotates queries and keys in attention instead)
                 layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)  # learned position embedding
-            layers.update(drop=nn.Dropout(config.dropout), h=nn.ModuleList(Block(config) for _ in range(config.n_layer)), ln_f=_layernorm(config))
+            layers.update(
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                ln_f=_layernorm(config),
+            )
             self.transformer = nn.ModuleDict(layers)
             if not config.tie_weights:
                 self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -226,7 +239,9 @@ class GPT(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------------
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, V) for token ids idx (B, T), and the mean cross-entropy against targets (B, T).
 
         Targets equal to IGNORE_INDEX (-100) do not count: SFT trains on the response tokens only. A batch with no
@@ -237,7 +252,9 @@ class GPT(nn.Module):
         if targets is None:
             return logits, None
         targets = targets.reshape(-1)
-        loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        loss_sum = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         loss = loss_sum / (targets != IGNORE_INDEX).sum().clamp(min=1)
         return (logits if return_logits else None), loss
 
@@ -332,7 +349,14 @@ class GPT(nn.Module):
         return self._stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache)
 
     def _stream(
-        self, idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None, use_cache: bool
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        generator: torch.Generator | None,
+        use_cache: bool,
     ) -> Iterator[torch.Tensor]:
         decoder = token = None
         for _ in range(max_new_tokens):
@@ -407,7 +431,13 @@ class _Decoder:
             self.logits = self.model._next_logits(self.window[:, -1:], self.caches)
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Draw one token per row from logits (B, V); returns (B,). temperature 0 is argmax."""
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -429,7 +459,9 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
     """The one check of the sampling arguments (sample.py reports its ValueError as a user error)."""
     min_temperature = 1e-6  # below this, logits / temperature overflows float32 for ordinary logits: NaN probabilities
     if not (math.isfinite(temperature) and (temperature == 0 or temperature >= min_temperature)):
-        raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {min_temperature:g} (smaller ones overflow the logits), got {temperature:g}")
+        raise ValueError(
+            f"temperature must be 0 (greedy) or a finite number >= {min_temperature:g} (smaller ones overflow the logits), got {temperature:g}"
+        )
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:

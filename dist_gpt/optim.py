@@ -33,7 +33,9 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 the singular values land near 1 (roughly 0.7-1.2), which is all Muon needs."""
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16, eps: float = 1e-7) -> torch.Tensor:
+def orthogonalize(
+    g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16, eps: float = 1e-7
+) -> torch.Tensor:
     """Approximately U V^T for the SVD g = U S V^T of a matrix g (..., rows, cols), by Newton-Schulz in `dtype`.
 
     bf16 where bf16 matmuls are native (GPUs from Ampere on, CPUs with AVX512-BF16/AMX); fp32 where bf16 is
@@ -45,7 +47,9 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bf
     wide = x.size(-2) <= x.size(-1)
     if not wide:  # iterate on the smaller Gram matrix x x^T
         x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm = 1: inside the iteration's basin
+    x = x / (
+        x.norm(dim=(-2, -1), keepdim=True) + eps
+    )  # spectral norm <= Frobenius norm = 1: inside the iteration's basin
     for _ in range(steps):
         gram = x @ x.mT  # (..., rows, rows)
         x = a * x + (b * gram + c * gram @ gram) @ x  # odd polynomial a s + b s^3 + c s^5 of the singular values
@@ -72,7 +76,9 @@ class MuonAdamW(torch.optim.Optimizer):
         ns_steps: int = 5,
         ns_dtype: torch.dtype = torch.bfloat16,
     ):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps, muon=False)
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps, muon=False
+        )
         super().__init__(params, defaults)
         self.ns_dtype = ns_dtype
         for group in self.param_groups:
@@ -88,7 +94,9 @@ class MuonAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if group["muon"]:
-                for shape in dict.fromkeys(p.shape for p in params):  # matrices of one shape: one batched orthogonalisation
+                for shape in dict.fromkeys(
+                    p.shape for p in params
+                ):  # matrices of one shape: one batched orthogonalisation
                     self._muon([p for p in params if p.shape == shape], group)
             else:
                 for p in params:
@@ -106,7 +114,9 @@ class MuonAdamW(torch.optim.Optimizer):
             updates.append(p.grad.add(state["momentum_buffer"], alpha=mu))
         rows, cols = params[0].shape
         scale = max(1.0, rows / cols) ** 0.5  # tall matrices: the same RMS per output as square ones
-        for p, update in zip(params, orthogonalize(torch.stack(updates), group["ns_steps"], self.ns_dtype), strict=True):
+        for p, update in zip(
+            params, orthogonalize(torch.stack(updates), group["ns_steps"], self.ns_dtype), strict=True
+        ):
             p.add_(update, alpha=-group["lr"] * scale)
 
     def _adamw(self, p: torch.Tensor, group: dict[str, Any]) -> None:
@@ -128,7 +138,9 @@ class MuonAdamW(torch.optim.Optimizer):
 # ----------------------------------------------------------------------------- the optimizer a run uses
 
 
-def make_optimizer(model: torch.nn.Module, t: TrainConfig, sharded: bool = False, ns_dtype: torch.dtype = torch.bfloat16) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: torch.nn.Module, t: TrainConfig, sharded: bool = False, ns_dtype: torch.dtype = torch.bfloat16
+) -> torch.optim.Optimizer:
     """AdamW (torch's fused kernel, on CPU and GPU) with weight decay on 2-D weights (matmuls, embeddings) only;
     frozen parameters are left out.
 
@@ -141,15 +153,23 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig, sharded: bool = False
     matrices: set[int] = set()
     if t.optimizer == "muon":
         if sharded:
-            raise UserError("train.optimizer=muon needs whole weight matrices on every rank; FSDP shards them: use DDP or train.optimizer=adamw")
-        matrices = {id(m.weight) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")}
+            raise UserError(
+                "train.optimizer=muon needs whole weight matrices on every rank; FSDP shards them: use DDP or train.optimizer=adamw"
+            )
+        matrices = {
+            id(m.weight)
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")
+        }
     groups = [
         {"params": [p for p in params if p.dim() >= 2 and id(p) not in matrices], "weight_decay": t.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
-    groups.append({"params": [p for p in params if id(p) in matrices], "muon": True, "lr": t.muon_lr, "weight_decay": 0.0})
+    groups.append(
+        {"params": [p for p in params if id(p) in matrices], "muon": True, "lr": t.muon_lr, "weight_decay": 0.0}
+    )
     return MuonAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), momentum=t.muon_momentum, ns_dtype=ns_dtype)
 
 

@@ -36,7 +36,9 @@ def read_metrics(run_dir: str | Path) -> Curves:
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
     if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir} is a file, not a run directory: pass run directories written by pretrain or finetune")
+        raise UserError(
+            f"{run_dir} is a file, not a run directory: pass run directories written by pretrain or finetune"
+        )
     if not path.is_file():
         raise UserError(f"{path} not found: pass a run directory written by pretrain or finetune")
     curves = Curves(run_dir.resolve().name)
@@ -87,9 +89,24 @@ def plot_runs(runs: list[Curves], out: str | Path | None = None, log_y: bool = F
         color = f"C{i % 10}"
         for ax, x in zip(axes, (0, 1), strict=True):
             if run.train:
-                ax.plot([r[x] for r in run.train], [r[2] for r in run.train], color=color, linewidth=0.8, alpha=0.6, label=f"{run.name} train")
+                ax.plot(
+                    [r[x] for r in run.train],
+                    [r[2] for r in run.train],
+                    color=color,
+                    linewidth=0.8,
+                    alpha=0.6,
+                    label=f"{run.name} train",
+                )
             if run.val:
-                ax.plot([r[x] for r in run.val], [r[2] for r in run.val], color=color, linewidth=1.8, marker="o", markersize=3, label=f"{run.name} val")
+                ax.plot(
+                    [r[x] for r in run.val],
+                    [r[2] for r in run.val],
+                    color=color,
+                    linewidth=1.8,
+                    marker="o",
+                    markersize=3,
+                    label=f"{run.name} val",
+                )
     for ax, xlabel in zip(axes, ("optimizer step", "tokens seen"), strict=True):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("loss (nats/token)")
@@ -111,8 +128,13 @@ def main(args: list[str]) -> Path:
     """The `launch/plot.py` command."""
     from dist_gpt.cli import ArgParser
 
-    p = ArgParser(prog="launch/plot.py", description="Plot train and val loss of one or more runs against steps and tokens, from RUN_DIR/metrics.jsonl.")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (their metrics.jsonl); several are overlaid")
+    p = ArgParser(
+        prog="launch/plot.py",
+        description="Plot train and val loss of one or more runs against steps and tokens, from RUN_DIR/metrics.jsonl.",
+    )
+    p.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR", help="run directories (their metrics.jsonl); several are overlaid"
+    )
     p.add_argument("--out", default="loss.png", metavar="FILE.png", help="where to write the plot (default: loss.png)")
     p.add_argument("--log", action="store_true", help="log-scale loss axis")
     opts = p.parse_args(args)

@@ -66,7 +66,16 @@ import numpy as np
 
 from dist_gpt.batches import SPLITS, check_split_size, split_files
 from dist_gpt.errors import UserError
-from dist_gpt.io import FileLock, StagedFiles, atomic_write, atomic_write_json, disk_error, read_error, read_json, sha256_file
+from dist_gpt.io import (
+    FileLock,
+    StagedFiles,
+    atomic_write,
+    atomic_write_json,
+    disk_error,
+    read_error,
+    read_json,
+    sha256_file,
+)
 from dist_gpt.tokenizers import CharTokenizer, Tokenizer, render_prompt, render_response, train_tokenizer
 
 if TYPE_CHECKING:
@@ -76,7 +85,9 @@ FORMAT = 2  # bump when the prepared files change: everything rebuilds (2: a lea
 SPLIT_SEED = 1337  # which documents go to val
 LINES_PER_BATCH = 4096  # text lines per Dataset.map batch
 RECORDS_PER_BATCH = 256  # .jsonl / parquet / recipe records per Dataset.map batch
-READ_CHUNK = 1 << 20  # bytes the datasets text/json readers take at a time (their default, 10 MB, costs ~100 MB of peak memory)
+READ_CHUNK = (
+    1 << 20
+)  # bytes the datasets text/json readers take at a time (their default, 10 MB, costs ~100 MB of peak memory)
 MAX_CUT_SCAN = 256  # lines searched for a clean cut before cutting anyway
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "data"
@@ -118,7 +129,10 @@ class Source:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+        for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def _file_kind(path: Path) -> str:
@@ -187,7 +201,9 @@ def _expand(part: str, log: Callable[[str], None]) -> list[Path]:
         parts = path.parts
         fixed = next(i for i, p in enumerate(parts) if any(ch in p for ch in "*?["))
         root = Path(*parts[:fixed]) if fixed else Path(".")
-        patterns = [p for i, p in enumerate(parts) if i == fixed or (i > fixed and not p == parts[i - 1] == "**")]  # "**/**" is "**"
+        patterns = [
+            p for i, p in enumerate(parts) if i == fixed or (i > fixed and not p == parts[i - 1] == "**")
+        ]  # "**/**" is "**"
         if not root.is_dir():
             return []
     elif path.is_dir():
@@ -197,10 +213,16 @@ def _expand(part: str, log: Callable[[str], None]) -> list[Path]:
     walk = _Walk()
     walk.visit(root, patterns)
     if walk.loops:
-        shown = ", ".join(map(str, walk.loops[:3])) + (f" and {len(walk.loops) - 3} more" if len(walk.loops) > 3 else "")
-        log(f"warning: data.source: not entering {len(walk.loops)} folder links to folders already read (a symlink loop, or a second link): {shown}")
+        shown = ", ".join(map(str, walk.loops[:3])) + (
+            f" and {len(walk.loops) - 3} more" if len(walk.loops) > 3 else ""
+        )
+        log(
+            f"warning: data.source: not entering {len(walk.loops)} folder links to folders already read (a symlink loop, or a second link): {shown}"
+        )
     if walk.broken:
-        shown = ", ".join(map(str, walk.broken[:3])) + (f" and {len(walk.broken) - 3} more" if len(walk.broken) > 3 else "")
+        shown = ", ".join(map(str, walk.broken[:3])) + (
+            f" and {len(walk.broken) - 3} more" if len(walk.broken) > 3 else ""
+        )
         log(f"warning: data.source: skipping {len(walk.broken)} links to files that do not exist: {shown}")
     return sorted(walk.files)
 
@@ -222,7 +244,9 @@ def _read_once(files: list[Path], log: Callable[[str], None]) -> list[Path]:
             unique.append(f)
     if twice:
         shown = ", ".join(twice[:3]) + (f" and {len(twice) - 3} more" if len(twice) > 3 else "")
-        log(f"warning: data.source reaches {len(twice)} files a second time (links or repeated names); each is read once: {shown}")
+        log(
+            f"warning: data.source reaches {len(twice)} files a second time (links or repeated names); each is read once: {shown}"
+        )
     return unique
 
 
@@ -230,7 +254,9 @@ def resolve_source(cfg: DataConfig, data_dir: Path, log: Callable[[str], None] =
     """What `data.source` names: local files (downloading a URL first) or a Hub dataset."""
     spec = cfg.source.strip()
     if not spec:
-        raise UserError("data.source is empty: pass --data.source=PATH (a text file, a directory, a glob, a .jsonl or .parquet file, or a URL)")
+        raise UserError(
+            "data.source is empty: pass --data.source=PATH (a text file, a directory, a glob, a .jsonl or .parquet file, or a URL)"
+        )
     if spec.startswith(("http://", "https://")):
         path = download(spec, cfg.sha256, data_dir / "download", log)
         return Source(_file_kind(path), [path])
@@ -239,7 +265,12 @@ def resolve_source(cfg: DataConfig, data_dir: Path, log: Callable[[str], None] =
     for part in parts:
         found = _expand(part, log)
         if not found:
-            if len(parts) == 1 and re.fullmatch(r"[\w.-]+(/[\w.-]+)?(:[\w.-]+)?", part) and not Path(part).suffix and not Path(part).exists():
+            if (
+                len(parts) == 1
+                and re.fullmatch(r"[\w.-]+(/[\w.-]+)?(:[\w.-]+)?", part)
+                and not Path(part).suffix
+                and not Path(part).exists()
+            ):
                 if _offline():
                     raise UserError(
                         f"data.source {part!r} is not a local file or directory, and reading it as a Hugging Face dataset needs the network "
@@ -247,14 +278,22 @@ def resolve_source(cfg: DataConfig, data_dir: Path, log: Callable[[str], None] =
                     )
                 return Source("hub", name=part)
             if Path(part).expanduser().is_dir():
-                raise UserError(f"data.source: {part} holds no files to read (names starting with '.' and broken links are skipped)")
-            what = "no files match" if any(ch in part for ch in "*?[") else "no such file or directory (or an empty directory)"
+                raise UserError(
+                    f"data.source: {part} holds no files to read (names starting with '.' and broken links are skipped)"
+                )
+            what = (
+                "no files match"
+                if any(ch in part for ch in "*?[")
+                else "no such file or directory (or an empty directory)"
+            )
             raise UserError(f"data.source: {what}: {part}")
         files += found
     files = _read_once(files, log)
     kinds = {_file_kind(f) for f in files}
     if len(kinds) > 1:
-        raise UserError(f"data.source mixes file kinds ({', '.join(sorted(kinds))}): use text files only, or .jsonl only, or .parquet only")
+        raise UserError(
+            f"data.source mixes file kinds ({', '.join(sorted(kinds))}): use text files only, or .jsonl only, or .parquet only"
+        )
     return Source(kinds.pop(), files)
 
 
@@ -265,7 +304,9 @@ def download(url: str, sha256: str, cache: Path, log: Callable[[str], None]) -> 
         return dest
     how = "download it yourself and pass --data.source=PATH"
     if _offline():
-        raise UserError(f"data.source is a URL ({url}), the network is off (HF_HUB_OFFLINE) and there is no downloaded copy in {cache}: {how}")
+        raise UserError(
+            f"data.source is a URL ({url}), the network is off (HF_HUB_OFFLINE) and there is no downloaded copy in {cache}: {how}"
+        )
     log(f"downloading {url}")
 
     def fetch(tmp: Path) -> None:
@@ -278,7 +319,9 @@ def download(url: str, sha256: str, cache: Path, log: Callable[[str], None]) -> 
         except (urllib.error.URLError, HTTPException, TimeoutError, ConnectionError) as e:
             raise UserError(f"could not download {url} ({getattr(e, 'reason', e)}): {how}") from None
         if sha256 and digest.hexdigest() != sha256:
-            raise UserError(f"{url} has SHA-256 {digest.hexdigest()}, not data.sha256={sha256}: check the file, then update data.sha256 or {how}")
+            raise UserError(
+                f"{url} has SHA-256 {digest.hexdigest()}, not data.sha256={sha256}: check the file, then update data.sha256 or {how}"
+            )
 
     atomic_write(dest, fetch)
     return dest
@@ -309,7 +352,9 @@ def _scan_bytes(path: Path, errors: str, check_utf8: bool, log: Callable[[str], 
                 except UnicodeDecodeError as e:
                     bad = size - pending + e.start
             # universal newlines: "\r\n", "\r" and "\n" each end a line
-            lines += block.count(b"\n") + block.count(b"\r") - block.count(b"\r\n") - (last == b"\r" and block[:1] == b"\n")
+            lines += (
+                block.count(b"\n") + block.count(b"\r") - block.count(b"\r\n") - (last == b"\r" and block[:1] == b"\n")
+            )
             size += len(block)
             last = block[-1:]
     if check_utf8 and bad is None:
@@ -320,8 +365,12 @@ def _scan_bytes(path: Path, errors: str, check_utf8: bool, log: Callable[[str], 
             bad = size - pending + e.start
     if bad is not None:
         if errors != "replace":
-            raise UserError(f"{path} is not valid UTF-8 (byte offset {bad}): convert it to UTF-8, or set data.errors=replace to substitute U+FFFD")
-        log(f"warning: {path} is not valid UTF-8 (first bad byte at offset {bad}); bad bytes become U+FFFD (data.errors=replace)")
+            raise UserError(
+                f"{path} is not valid UTF-8 (byte offset {bad}): convert it to UTF-8, or set data.errors=replace to substitute U+FFFD"
+            )
+        log(
+            f"warning: {path} is not valid UTF-8 (first bad byte at offset {bad}); bad bytes become U+FFFD (data.errors=replace)"
+        )
     bom = check_utf8 and first == codecs.BOM_UTF8  # dropped by the reader: not text, never a token
     lines += size > len(codecs.BOM_UTF8) * bom and last not in (b"\n", b"\r")
     return {"path": str(path), "size": size, "sha256": digest.hexdigest(), "lines": lines, "bom": bom}
@@ -332,14 +381,20 @@ def _scan_bytes(path: Path, errors: str, check_utf8: bool, log: Callable[[str], 
 
 def recipe_names() -> list[str]:
     """The recipes there are: the plain names of the .py files in the repository's data/ folder that define records()."""
-    return sorted(p.stem for p in RECIPES.glob("*.py") if RECIPE_NAME.fullmatch(p.stem) and "\ndef records(" in p.read_text(encoding="utf-8"))
+    return sorted(
+        p.stem
+        for p in RECIPES.glob("*.py")
+        if RECIPE_NAME.fullmatch(p.stem) and "\ndef records(" in p.read_text(encoding="utf-8")
+    )
 
 
 def _recipe(name: str) -> tuple[Callable[[str], list[dict]], Path]:
     """`records(text)` from data/NAME.py. NAME is a plain name (letters, digits, _ and -): no path leads elsewhere."""
     path = RECIPES / f"{name}.py"
     if not RECIPE_NAME.fullmatch(name) or not path.is_file() or path.resolve().parent != RECIPES.resolve():
-        raise UserError(f"data.recipe {name!r} is not a recipe: name one of the files in {RECIPES} without .py: {', '.join(recipe_names()) or 'none'}")
+        raise UserError(
+            f"data.recipe {name!r} is not a recipe: name one of the files in {RECIPES} without .py: {', '.join(recipe_names()) or 'none'}"
+        )
     spec = importlib.util.spec_from_file_location(f"dist_gpt_recipe_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -360,7 +415,11 @@ def _recipe_dataset(ds: Any, recipe: Callable[[str], list[dict]], path: Path, sf
     rows = []
     for r in records:
         if "prompt" in r and "response" in r:
-            row = {"prompt": str(r["prompt"]), "response": str(r["response"])} if sft else {"text": render_prompt(r["prompt"]) + render_response(r["response"])}
+            row = (
+                {"prompt": str(r["prompt"]), "response": str(r["response"])}
+                if sft
+                else {"text": render_prompt(r["prompt"]) + render_response(r["response"])}
+            )
         elif "text" in r and not sft:
             row = {"text": str(r["text"])}
         else:
@@ -427,12 +486,19 @@ def _load(source: Source, cfg: DataConfig, cache: Path) -> Any:
     try:
         if source.kind == "text":
             # utf-8-sig: a byte order mark at the start of a file is dropped, not read as a character
-            text = {"sample_by": "line", "keep_linebreaks": True, "encoding": "utf-8-sig", "encoding_errors": cfg.errors}
+            text = {
+                "sample_by": "line",
+                "keep_linebreaks": True,
+                "encoding": "utf-8-sig",
+                "encoding_errors": cfg.errors,
+            }
             return datasets.load_dataset("text", data_files=files, **text, **chunk, **kwargs)
         if source.kind == "json":
             # the json reader honours encoding_errors only for an encoding not spelled "utf-8"; "utf_8" is the same codec
             encoding = "utf_8" if cfg.errors == "replace" else "utf-8"
-            return datasets.load_dataset("json", data_files=files, encoding=encoding, encoding_errors=cfg.errors, **chunk, **kwargs)
+            return datasets.load_dataset(
+                "json", data_files=files, encoding=encoding, encoding_errors=cfg.errors, **chunk, **kwargs
+            )
         if source.kind == "parquet":
             return datasets.load_dataset("parquet", data_files=files, **kwargs)
         name, _, config = source.name.partition(":")
@@ -440,13 +506,19 @@ def _load(source: Source, cfg: DataConfig, cache: Path) -> Any:
     except Exception as e:
         failure = _os_failure(e)
         if failure is not None and (failure.filename or failure.errno in WRITE_FAILURES):
-            raise _os_error_line(failure, cache.parent) from None  # the datasets cache could not be written, or a file not read
+            raise _os_error_line(
+                failure, cache.parent
+            ) from None  # the datasets cache could not be written, or a file not read
         if isinstance(failure, FileNotFoundError):
-            raise UserError(f"cannot read {source.describe()}: a file vanished while it was being read ({_first_line(e)}); run again") from None
+            raise UserError(
+                f"cannot read {source.describe()}: a file vanished while it was being read ({_first_line(e)}); run again"
+            ) from None
         raise UserError(f"cannot read {source.describe()}: {_first_line(e)}") from None
 
 
-def _load_corpus(cfg: DataConfig, source: Source, scans: list[dict], cache: Path, recipe: tuple[Callable, Path] | None, sft: bool) -> Corpus:
+def _load_corpus(
+    cfg: DataConfig, source: Source, scans: list[dict], cache: Path, recipe: tuple[Callable, Path] | None, sft: bool
+) -> Corpus:
     """Step 1: read the source (and run the recipe on it)."""
     ds = _load(source, cfg, cache)
     if source.kind == "text" and recipe is None:
@@ -501,10 +573,14 @@ def _check_text(corpus: Corpus, source: Source, sft: bool, log: Callable[[str], 
     hint = "records need prompt and response fields for SFT" if sft else "set data.text_field"
     absent = [c for c in columns if c not in fields]
     if absent:
-        raise UserError(f"{source.describe()} has no field {absent[0]!r} (fields: {', '.join(fields) or 'none'}): {hint}")
+        raise UserError(
+            f"{source.describe()} has no field {absent[0]!r} (fields: {', '.join(fields) or 'none'}): {hint}"
+        )
     for c in columns:
         if what := _not_text(ds.features[c]):
-            raise UserError(f"{source.describe()}: field {c!r} holds {what}, not text: every record's {c!r} must be a string ({hint})")
+            raise UserError(
+                f"{source.describe()}: field {c!r} holds {what}, not text: every record's {c!r} must be a string ({hint})"
+            )
     if len(ds) == 0 or not sum(pc.sum(pc.binary_length(ds.data.column(c))).as_py() or 0 for c in columns):
         raise UserError(f"the corpus is empty: {source.describe()} holds no text")
     if corpus.lines:
@@ -517,7 +593,9 @@ def _check_text(corpus: Corpus, source: Source, sft: bool, log: Callable[[str], 
         raise UserError(f"{source.describe()}: no record has {named} (every one is missing or null): {hint}")
     if missing:
         first = int(pc.index(no_text, True).as_py())
-        log(f"warning: {missing:,} of {len(ds):,} records of {source.describe()} have no {named} (or null): they add no text (the first is record {first + 1})")
+        log(
+            f"warning: {missing:,} of {len(ds):,} records of {source.describe()} have no {named} (or null): they add no text (the first is record {first + 1})"
+        )
     empty = 0 if sft else int(pc.sum(pc.equal(pc.binary_length(ds.data.column(columns[0])), 0)).as_py() or 0)
     return {"missing": missing, "empty": empty}
 
@@ -525,13 +603,18 @@ def _check_text(corpus: Corpus, source: Source, sft: bool, log: Callable[[str], 
 # ----------------------------------------------------------------------------- step 3: the tokenizer
 
 
-def _choose_tokenizer(cfg: DataConfig, corpus: Corpus, tokenizer: Tokenizer | None, sft: bool, log: Callable[[str], None]) -> tuple[Tokenizer, list[str]]:
+def _choose_tokenizer(
+    cfg: DataConfig, corpus: Corpus, tokenizer: Tokenizer | None, sft: bool, log: Callable[[str], None]
+) -> tuple[Tokenizer, list[str]]:
     """Step 3: the given tokenizer (finetuning; a char vocabulary must cover the corpus) or one trained on the corpus.
 
     Returns it and the characters a given char vocabulary lacks (handled as data.unknown says).
     """
     if tokenizer is None:
-        log(f"training the {cfg.tokenizer} tokenizer" + (f" (vocab_size {cfg.vocab_size})" if cfg.tokenizer == "bpe" else ""))
+        log(
+            f"training the {cfg.tokenizer} tokenizer"
+            + (f" (vocab_size {cfg.vocab_size})" if cfg.tokenizer == "bpe" else "")
+        )
         return train_tokenizer(cfg.tokenizer, corpus.texts(sft), cfg.vocab_size), []
     if not isinstance(tokenizer, CharTokenizer):
         return tokenizer, []
@@ -568,7 +651,17 @@ def _cut(lines: Any, k: int, n: int, starts: set[int]) -> int:
     return k
 
 
-def _encode_lines(batch: Any, indices: list[int], *, table: Any, doc_starts: list[int], tokenizer: Tokenizer, unknown: str, dtype: str, count: bool) -> dict:
+def _encode_lines(
+    batch: Any,
+    indices: list[int],
+    *,
+    table: Any,
+    doc_starts: list[int],
+    tokenizer: Tokenizer,
+    unknown: str,
+    dtype: str,
+    count: bool,
+) -> dict:
     """Map batch of lines [i, j): encode lines [cut(i), cut(j)), one row per document piece."""
     lines, n, starts = table.column("text"), table.num_rows, set(doc_starts)
     i, j = indices[0], indices[-1] + 1
@@ -584,7 +677,17 @@ def _encode_lines(batch: Any, indices: list[int], *, table: Any, doc_starts: lis
     return out
 
 
-def _encode_records(batch: dict, indices: list[int], *, tokenizer: Tokenizer, unknown: str, dtype: str, count: bool, column: str, sft: bool) -> dict:
+def _encode_records(
+    batch: dict,
+    indices: list[int],
+    *,
+    tokenizer: Tokenizer,
+    unknown: str,
+    dtype: str,
+    count: bool,
+    column: str,
+    sft: bool,
+) -> dict:
     """Map batch of records: one row per record (for SFT with the loss mask)."""
     out: dict[str, list] = {"ids": [], "doc": list(indices), "unknown": []}
     if sft:
@@ -607,9 +710,15 @@ def _tokenize(corpus: Corpus, cfg: DataConfig, tokenizer: Tokenizer, dtype: str,
     import datasets
 
     if cfg.num_proc > 1 and tokenizer.kind == "bpe":
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the processes are the parallelism; silences the fork warning
+        os.environ.setdefault(
+            "TOKENIZERS_PARALLELISM", "false"
+        )  # the processes are the parallelism; silences the fork warning
     kwargs = {"tokenizer": tokenizer, "unknown": cfg.unknown, "dtype": dtype, "count": count}
-    features = {"ids": datasets.List(datasets.Value(dtype)), "doc": datasets.Value("int64"), "unknown": datasets.Value("int64")}
+    features = {
+        "ids": datasets.List(datasets.Value(dtype)),
+        "doc": datasets.Value("int64"),
+        "unknown": datasets.Value("int64"),
+    }
     if sft:
         features["mask"] = datasets.List(datasets.Value("uint8"))
     ds = corpus.ds
@@ -638,7 +747,9 @@ def _tokenize(corpus: Corpus, cfg: DataConfig, tokenizer: Tokenizer, dtype: str,
 # ----------------------------------------------------------------------------- step 5: the split plan
 
 
-def _split_plan(docs: np.ndarray, lengths: np.ndarray, marked: list[str], val_fraction: float, sft: bool, source: Source) -> dict[str, tuple]:
+def _split_plan(
+    docs: np.ndarray, lengths: np.ndarray, marked: list[str], val_fraction: float, sft: bool, source: Source
+) -> dict[str, tuple]:
     """Step 5: per split, (which rows, token range [lo, hi) of their concatenation): by position in one document, else by document."""
     every, total = np.ones(len(docs), dtype=bool), int(lengths.sum())
     doc_ids = np.unique(docs[lengths > 0])  # empty documents are no document to choose
@@ -653,7 +764,9 @@ def _split_plan(docs: np.ndarray, lengths: np.ndarray, marked: list[str], val_fr
         n_train = int(total * (1 - val_fraction))
         return {"train": (every, 0, n_train), "val": (every, n_train, total)}
     elif len(doc_ids) < 2:
-        raise UserError(f"{source.describe()} holds a single prompt/response pair: SFT needs at least two, one for validation")
+        raise UserError(
+            f"{source.describe()} holds a single prompt/response pair: SFT needs at least two, one for validation"
+        )
     else:
         n_val = max(1, round(val_fraction * len(doc_ids)))
         val_docs = np.random.default_rng(SPLIT_SEED).permutation(doc_ids)[:n_val]
@@ -665,7 +778,9 @@ def _check_sizes(meta: dict, block_size: int) -> None:
     for split in SPLITS:
         if meta.get("sft"):
             if meta["documents"][split] < 1:
-                raise UserError(f"the {split} split has no prompt/response pairs: supply more pairs or change data.val_fraction")
+                raise UserError(
+                    f"the {split} split has no prompt/response pairs: supply more pairs or change data.val_fraction"
+                )
         else:
             check_split_size(split, meta["tokens"][split], block_size)
 
@@ -673,7 +788,9 @@ def _check_sizes(meta: dict, block_size: int) -> None:
 # ----------------------------------------------------------------------------- step 6: write
 
 
-def _write_split(staged: StagedFiles, path: Path, enc: Any, column: str, rows: np.ndarray, lo: int, hi: int, dtype: str) -> None:
+def _write_split(
+    staged: StagedFiles, path: Path, enc: Any, column: str, rows: np.ndarray, lo: int, hi: int, dtype: str
+) -> None:
     """Stream `column` of the selected rows, tokens [lo, hi) of their concatenation, into `path` (staged)."""
     import pyarrow as pa
 
@@ -687,7 +804,9 @@ def _write_split(staged: StagedFiles, path: Path, enc: Any, column: str, rows: n
                 values = ids.flatten().to_numpy(zero_copy_only=False)  # the fast Arrow flatten, no per-row objects
                 a, b = max(lo - pos, 0), min(hi - pos, len(values))
                 if a < b:
-                    f.write(memoryview(values[a:b].astype(dtype, copy=False)))  # a short write raises OSError with its errno
+                    f.write(
+                        memoryview(values[a:b].astype(dtype, copy=False))
+                    )  # a short write raises OSError with its errno
                 pos += len(values)
 
     staged.write(path, write)
@@ -754,7 +873,9 @@ def _versions() -> dict[str, str]:
 # ----------------------------------------------------------------------------- prepare
 
 
-def _settings(cfg: DataConfig, source: Source, tokenizer: Tokenizer | None, sft: bool, recipe_path: Path | None) -> dict[str, Any]:
+def _settings(
+    cfg: DataConfig, source: Source, tokenizer: Tokenizer | None, sft: bool, recipe_path: Path | None
+) -> dict[str, Any]:
     """Everything besides the source's bytes that changes the arrays."""
     return {
         "format": FORMAT,
@@ -790,7 +911,9 @@ def prepare(
     failure is a UserError: a full or read-only disk, an unreadable or vanished source file.
     """
     data_dir = Path(data_dir)
-    if cfg.shard_tokens > 0 or cfg.source.strip().endswith("meta.json"):  # sharded data: streamed into shards (streaming.py)
+    if cfg.shard_tokens > 0 or cfg.source.strip().endswith(
+        "meta.json"
+    ):  # sharded data: streamed into shards (streaming.py)
         from dist_gpt.streaming import is_manifest, prepare_sharded
 
         if cfg.shard_tokens > 0 or is_manifest(cfg.source):
@@ -861,7 +984,9 @@ def _prepare_locked(
         raise UserError("data.recipe works on text sources: point data.source at text files")
     scans = [_scan(f, cfg.errors, source.kind in ("text", "json"), log) for f in source.files]
     settings = _settings(cfg, source, tokenizer, sft, recipe[1] if recipe else None)
-    fingerprint = hashlib.sha256(repr([[(s["size"], s["sha256"]) for s in scans], source.name, settings]).encode()).hexdigest()
+    fingerprint = hashlib.sha256(
+        repr([[(s["size"], s["sha256"]) for s in scans], source.name, settings]).encode()
+    ).hexdigest()
 
     meta = _current_meta(data_dir, fingerprint)
     if meta:
@@ -873,7 +998,9 @@ def _prepare_locked(
     if source.files and sum(s["size"] for s in scans) == 0:
         raise UserError(f"the corpus is empty: {source.describe()} holds no text")
     if boms := [s["path"] for s in scans if s["bom"]]:
-        log(f"dropping the UTF-8 byte order mark at the start of {len(boms)} file(s) (not text; meta.json records it): {', '.join(boms[:3])}")
+        log(
+            f"dropping the UTF-8 byte order mark at the start of {len(boms)} file(s) (not text; meta.json records it): {', '.join(boms[:3])}"
+        )
 
     tmp = data_dir / TMP_DIR
     shutil.rmtree(tmp, ignore_errors=True)
@@ -910,7 +1037,9 @@ def _current_meta(data_dir: Path, fingerprint: str) -> dict | None:
         sizes = split_files(meta)
     except (UserError, KeyError, TypeError, ValueError):
         return None
-    files_ok = all((data_dir / name).is_file() and (data_dir / name).stat().st_size == size for name, size in sizes.items())
+    files_ok = all(
+        (data_dir / name).is_file() and (data_dir / name).stat().st_size == size for name, size in sizes.items()
+    )
     return meta if files_ok and (data_dir / "tokenizer.json").is_file() else None
 
 
@@ -949,17 +1078,29 @@ def _build(
     if unknown_chars:
         changed = int(pc.sum(enc.data.column("unknown")).as_py())
         verb = "dropped" if cfg.unknown == "drop" else f"replaced with {tokenizer.replacement!r}"
-        log(f"{changed:,} characters outside the vocabulary {verb} (data.unknown={cfg.unknown}): {', '.join(map(repr, unknown_chars[:10]))}")
+        log(
+            f"{changed:,} characters outside the vocabulary {verb} (data.unknown={cfg.unknown}): {', '.join(map(repr, unknown_chars[:10]))}"
+        )
         meta["unknown"] = {"mode": cfg.unknown, "chars": "".join(unknown_chars), "count": changed}
     if sft and block_size:
         long = int((lengths[plan["train"][0]] > block_size + 1).sum())
         if long:
-            log(f"{long} of {meta['documents']['train']} train pairs are longer than block_size + 1 = {block_size + 1} tokens and will be truncated")
+            log(
+                f"{long} of {meta['documents']['train']} train pairs are longer than block_size + 1 = {block_size + 1} tokens and will be truncated"
+            )
     return Built(enc, plan, lengths, tokenizer, meta)
 
 
 def _meta(
-    tokenizer: Tokenizer, dtype: str, plan: dict, lengths: np.ndarray, docs: np.ndarray, sft: bool, cfg: DataConfig, source: Source, scans: list[dict]
+    tokenizer: Tokenizer,
+    dtype: str,
+    plan: dict,
+    lengths: np.ndarray,
+    docs: np.ndarray,
+    sft: bool,
+    cfg: DataConfig,
+    source: Source,
+    scans: list[dict],
 ) -> dict:
     """meta.json's content (prepare adds the fingerprint, the settings and the time)."""
     return {
@@ -973,7 +1114,9 @@ def _meta(
         "source": {
             "spec": cfg.source,
             "kind": source.kind,
-            "files": [{k: s[k] for k in ("path", "size", "sha256")} | ({"bom": True} if s["bom"] else {}) for s in scans],
+            "files": [
+                {k: s[k] for k in ("path", "size", "sha256")} | ({"bom": True} if s["bom"] else {}) for s in scans
+            ],
             "hub": source.name or None,
         },
         "tokenizer_fingerprint": tokenizer.fingerprint(),

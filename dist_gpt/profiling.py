@@ -44,14 +44,23 @@ class Profiler:
         window = step_range(cfg.profile_steps)
         if window and window[1] < first_step:
             if main:
-                log(f"log.profile_steps={cfg.profile_steps}: this run resumes at step {first_step}, after those steps; nothing is profiled")
+                log(
+                    f"log.profile_steps={cfg.profile_steps}: this run resumes at step {first_step}, after those steps; nothing is profiled"
+                )
         elif window:
-            self.window = (max(window[0], first_step), window[1])  # a run resumed inside the window records the rest of it
-            self.start_at = max(self.window[0] - 1, first_step)  # one warm-up step before the window when this process runs one
+            self.window = (
+                max(window[0], first_step),
+                window[1],
+            )  # a run resumed inside the window records the rest of it
+            self.start_at = max(
+                self.window[0] - 1, first_step
+            )  # one warm-up step before the window when this process runs one
         if self.history_always:
             torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
         elif cfg.memory_history and main:
-            log("warning: log.memory_history records the CUDA allocator's history; this run is not on a GPU, so it does nothing")
+            log(
+                "warning: log.memory_history records the CUDA allocator's history; this run is not on a GPU, so it does nothing"
+            )
 
     @contextmanager
     def step(self, n: int) -> Iterator[None]:
@@ -59,7 +68,9 @@ class Profiler:
         if n == self.start_at:
             self._open(n)
         try:
-            with torch.profiler.record_function(f"step {n}") if self.prof is not None else nullcontext():  # the trace's name for it
+            with (
+                torch.profiler.record_function(f"step {n}") if self.prof is not None else nullcontext()
+            ):  # the trace's name for it
                 yield
         except torch.OutOfMemoryError as e:
             raise self._out_of_memory(n, e) from None
@@ -84,9 +95,17 @@ class Profiler:
 
     def _open(self, n: int) -> None:
         first, last = self.window
-        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if self.cuda else [])
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if self.cuda else []
+        )
         schedule = torch.profiler.schedule(wait=0, warmup=first - n, active=last - first + 1, repeat=1)
-        self.prof = torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=self._write_trace, record_shapes=True, profile_memory=True)
+        self.prof = torch.profiler.profile(
+            activities=activities,
+            schedule=schedule,
+            on_trace_ready=self._write_trace,
+            record_shapes=True,
+            profile_memory=True,
+        )
         if self.cuda and not self.history_always:
             torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
         self.prof.start()
@@ -97,8 +116,12 @@ class Profiler:
         atomic_write(path, lambda tmp: prof.export_chrome_trace(str(tmp)))
         if self.main:
             sort = "self_device_time_total" if self.cuda else "self_cpu_time_total"
-            log(f"profile of steps {first}-{last} (rank {self.rank}), operators by {sort}:\n{prof.key_averages().table(sort_by=sort, row_limit=TOP_OPERATORS)}")
-            log(f"profiler trace written to {path} (open it in https://ui.perfetto.dev or TensorBoard's profiler plugin)")
+            log(
+                f"profile of steps {first}-{last} (rank {self.rank}), operators by {sort}:\n{prof.key_averages().table(sort_by=sort, row_limit=TOP_OPERATORS)}"
+            )
+            log(
+                f"profiler trace written to {path} (open it in https://ui.perfetto.dev or TensorBoard's profiler plugin)"
+            )
 
     # --- memory --------------------------------------------------------------------------------------
 
@@ -114,7 +137,11 @@ class Profiler:
             where = "GPU"
             try:
                 snapshot = f"; memory snapshot in {self._snapshot(f'memory_oom_step{n}')} (open it at https://pytorch.org/memory_viz"
-                snapshot += ")" if self.history_always else "; rerun with --log.memory_history=true to see which code allocated what)"
+                snapshot += (
+                    ")"
+                    if self.history_always
+                    else "; rerun with --log.memory_history=true to see which code allocated what)"
+                )
             except UserError as e:
                 snapshot = f"; no memory snapshot ({e})"
         first_line = (str(error).splitlines() or [""])[0][:200]

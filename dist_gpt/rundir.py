@@ -27,7 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dist_gpt.checkpoint import clean_partial_checkpoints, find_resumable, list_checkpoints, load_weights, read_train_state, save_weights
+from dist_gpt.checkpoint import (
+    clean_partial_checkpoints,
+    find_resumable,
+    list_checkpoints,
+    load_weights,
+    read_train_state,
+    save_weights,
+)
 from dist_gpt.config import Config, read_saved_config, save_config
 from dist_gpt.errors import UserError
 from dist_gpt.io import FileLock, atomic_write_json, read_json
@@ -68,7 +75,7 @@ def read_marker(path: Path) -> dict[str, Any]:
 
 
 def stage_of(path: Path) -> str:
-    """"pretrain" or "finetune" for an existing run."""
+    """ "pretrain" or "finetune" for an existing run."""
     return read_marker(path).get("stage") or ("finetune" if (path / PARENT).is_file() else "pretrain")
 
 
@@ -76,7 +83,9 @@ def read_config(run_dir: str | Path) -> Config:
     """A run's config.yaml as a Config, or one error naming what is wrong with it."""
     path = Path(run_dir) / CONFIG
     if not path.is_file():
-        raise UserError(f"{run_dir} is not a run directory: {CONFIG} is missing (pass the directory that pretrain/finetune printed)")
+        raise UserError(
+            f"{run_dir} is not a run directory: {CONFIG} is missing (pass the directory that pretrain/finetune printed)"
+        )
     return read_saved_config(path)
 
 
@@ -103,7 +112,9 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])[:300]  # which keys are missing, unexpected or of another shape
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])[
+            :300
+        ]  # which keys are missing, unexpected or of another shape
         raise UserError(f"{run_dir / MODEL} does not match the model in {CONFIG}: {detail}") from None
     return LoadedRun(model=model.to(device).eval(), tokenizer=tokenizer, config=cfg, run_dir=run_dir)
 
@@ -168,13 +179,19 @@ class RunDir:
         existed = path.exists()
         run = cls(path=path, stage=stage, existing=existed and is_run_dir(path))
         if run.existing and stage_of(path) != stage:
-            raise UserError(f"{path} holds a {stage_of(path)} run; this {stage} needs its own directory: choose another --run.out_dir")
+            raise UserError(
+                f"{path} holds a {stage_of(path)} run; this {stage} needs its own directory: choose another --run.out_dir"
+            )
         if run.existing and cfg.run.resume == "never" and not cfg.run.overwrite:
-            raise UserError(f"run directory {path} already exists and run.resume=never; pass --run.overwrite=true to replace it, or choose another --run.out_dir")
+            raise UserError(
+                f"run directory {path} already exists and run.resume=never; pass --run.overwrite=true to replace it, or choose another --run.out_dir"
+            )
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot create run directory {path}: {e.strerror}; choose a writable --run.out_dir") from None
+            raise UserError(
+                f"cannot create run directory {path}: {e.strerror}; choose a writable --run.out_dir"
+            ) from None
         run.created = not existed
         run.lock = FileLock(path / LOCK, f"run in {path}", log)
         try:
@@ -200,7 +217,11 @@ class RunDir:
         had = bool(list_checkpoints(self.checkpoints))
         self.resume_from = find_resumable(self.checkpoints, log)
         if self.resume_from is None and (self.path / MODEL).is_file():
-            why = "no complete checkpoint survives (the broken ones were moved aside)" if had else "its checkpoints/ folder is gone"
+            why = (
+                "no complete checkpoint survives (the broken ones were moved aside)"
+                if had
+                else "its checkpoints/ folder is gone"
+            )
             raise UserError(
                 f"{self.path} holds a trained model but {why}, so it cannot be resumed; rerunning would train again from step 0 and replace it. "
                 f"To train it further, finetune from it (launch/finetune.py --finetune.init_from={self.path}); to start over, "
@@ -232,14 +253,20 @@ class RunDir:
 
     # --- writing -----------------------------------------------------------------------------------
 
-    def begin(self, cfg: Config, tokenizer: Any, data_fingerprint: str | None, parent: dict[str, Any] | None = None) -> None:
+    def begin(
+        self, cfg: Config, tokenizer: Any, data_fingerprint: str | None, parent: dict[str, Any] | None = None
+    ) -> None:
         """Training starts: clear an overwritten run, then write the marker, config.yaml, tokenizer.json (+ parent.json)."""
         if self.clear:
             log(f"run.overwrite=true: clearing {self.path}")
             for p in self.path.iterdir():
                 if p.name != LOCK:
                     shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-        marker = {"stage": self.stage, "created": read_marker(self.path).get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data_fingerprint": data_fingerprint}
+        marker = {
+            "stage": self.stage,
+            "created": read_marker(self.path).get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "data_fingerprint": data_fingerprint,
+        }
         atomic_write_json(self.path / MARKER, marker)
         save_config(cfg, self.path / CONFIG)
         tokenizer.save(self.path / TOKENIZER)
@@ -274,7 +301,12 @@ def _check_target(path: Path, cfg: Config, stage: str) -> None:
     real = path.resolve()
     if path.exists() and not path.is_dir():
         raise UserError(f"run.out_dir {path} exists and is not a directory: choose another --run.out_dir")
-    protected = {Path("/"), Path.home().resolve(), REPO, *(REPO / d for d in ("data", "configs", "dist_gpt", "launch", "tests", "bench", "docs"))}
+    protected = {
+        Path("/"),
+        Path.home().resolve(),
+        REPO,
+        *(REPO / d for d in ("data", "configs", "dist_gpt", "launch", "tests", "bench", "docs")),
+    }
     protected |= {cfg.data_dir.resolve(), Path.cwd().resolve()}
     if real in protected or any(real in p.parents for p in (Path.cwd().resolve(), cfg.data_dir.resolve())):
         raise UserError(f"run.out_dir {path} is {_what(real, cfg)}; a run needs a folder of its own, e.g. runs/NAME")

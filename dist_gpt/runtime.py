@@ -70,11 +70,15 @@ def make_accelerator(cfg: Config) -> Accelerator:
     launched_by_accelerate = "ACCELERATE_DYNAMO_BACKEND" in os.environ
     user_threads = os.environ.get("OMP_NUM_THREADS")
     if user_threads == "1" and launched_by_accelerate:
-        user_threads = None  # `accelerate launch` writes OMP_NUM_THREADS=1 when nobody asked; train.threads says it explicitly
+        user_threads = (
+            None  # `accelerate launch` writes OMP_NUM_THREADS=1 when nobody asked; train.threads says it explicitly
+        )
     cuda = use_cuda()
     if not cuda:  # threads first: the hardware probe below measures with them
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-        torch.set_num_threads(cfg.train.threads or (int(user_threads) if user_threads else max(1, len(os.sched_getaffinity(0)) // local)))
+        torch.set_num_threads(
+            cfg.train.threads or (int(user_threads) if user_threads else max(1, len(os.sched_getaffinity(0)) // local))
+        )
     else:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (mixed_precision=no) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
@@ -105,7 +109,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
         mixed_precision=cfg.train.mixed_precision,
         log_with="wandb" if cfg.log.wandb else None,
         step_scheduler_with_optimizer=False,
-        dynamo_backend=os.environ.get("DIST_GPT_COMPILE_BACKEND", "inductor") if compile_on else "no",  # eager: tests, debugging
+        dynamo_backend=os.environ.get("DIST_GPT_COMPILE_BACKEND", "inductor")
+        if compile_on
+        else "no",  # eager: tests, debugging
         **kwargs,
     )
     accelerator.ns_dtype = decisions.ns_dtype  # Muon's Newton-Schulz dtype, read by make_optimizer
@@ -183,7 +189,9 @@ def check_replicas_agree(accelerator: Accelerator, model: torch.nn.Module) -> No
         if len(set(digests)) == 1:
             log(f"weights identical on all {accelerator.num_processes} ranks (sha256 {digests[0][:16]})")
         else:
-            log(f"warning: the ranks ended with different weights ({', '.join(d[:16] for d in digests)}); please report this")
+            log(
+                f"warning: the ranks ended with different weights ({', '.join(d[:16] for d in digests)}); please report this"
+            )
 
 
 def teardown(accelerator: Accelerator) -> None:
@@ -200,7 +208,12 @@ def check_recompute_backend(cfg: Config) -> None:
     """torch.compile's `eager` debugging backend recomputes a checkpointed Block's dropout with other masks than its
     forward pass used (torch 2.13; inductor and aot_eager keep them): wrong gradients, so refuse the combination."""
     backend = os.environ.get("DIST_GPT_COMPILE_BACKEND", "inductor")
-    if backend == "eager" and cfg.train.compile == "true" and checkpoint_every(cfg.train.activation_checkpointing) and cfg.model.dropout > 0:
+    if (
+        backend == "eager"
+        and cfg.train.compile == "true"
+        and checkpoint_every(cfg.train.activation_checkpointing)
+        and cfg.model.dropout > 0
+    ):
         raise UserError(
             "DIST_GPT_COMPILE_BACKEND=eager recomputes checkpointed Blocks with other dropout masks (wrong gradients): with "
             "train.activation_checkpointing use the default backend or aot_eager, model.dropout=0, or train.compile=false"
@@ -230,7 +243,9 @@ def checkpoint_blocks(model: torch.nn.Module, spec: str) -> int:
         )
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     if not blocks:
-        raise UserError(f"train.activation_checkpointing={spec}: this model has no Transformer Blocks to recompute (model.kind=bigram); use none")
+        raise UserError(
+            f"train.activation_checkpointing={spec}: this model has no Transformer Blocks to recompute (model.kind=bigram); use none"
+        )
     chosen = set(blocks[::every])
     apply_activation_checkpointing(model, check_fn=lambda m: m in chosen)
     return len(chosen)
@@ -275,7 +290,9 @@ def check_memory(cfg: Config, device: torch.device) -> None:
     with torch.device("meta"):
         n_params = sum(p.numel() for p in GPT(m).parameters())
     act_bytes = 2 if t.mixed_precision in ("bf16", "fp16") else 4
-    activations = m.n_layer * t.batch_size * m.block_size * (34 * m.n_embd + 5 * m.n_head * m.block_size) * act_bytes // 2
+    activations = (
+        m.n_layer * t.batch_size * m.block_size * (34 * m.n_embd + 5 * m.n_head * m.block_size) * act_bytes // 2
+    )
     logits = t.batch_size * m.block_size * max(m.vocab_size, 1) * 4 * 2  # fp32 logits and their gradient
     need = 16 * n_params + activations + logits
     if device.type == "cuda":

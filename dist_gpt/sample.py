@@ -33,12 +33,31 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgParser(prog="launch/sample.py", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--run", required=True, metavar="RUN_DIR", help="run directory written by pretrain or finetune (holds model.safetensors, tokenizer.json, config.yaml)"
+    p = ArgParser(
+        prog="launch/sample.py",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue; every character must be known to the run's tokenizer")
-    p.add_argument("--max_new_tokens", type=int, default=500, metavar="N", help="tokens to generate per sample, at most 1,000,000 (default: 500)")
+    p.add_argument(
+        "--run",
+        required=True,
+        metavar="RUN_DIR",
+        help="run directory written by pretrain or finetune (holds model.safetensors, tokenizer.json, config.yaml)",
+    )
+    p.add_argument(
+        "--prompt",
+        required=True,
+        metavar="TEXT",
+        help="text to continue; every character must be known to the run's tokenizer",
+    )
+    p.add_argument(
+        "--max_new_tokens",
+        type=int,
+        default=500,
+        metavar="N",
+        help="tokens to generate per sample, at most 1,000,000 (default: 500)",
+    )
     p.add_argument(
         "--temperature",
         type=float,
@@ -46,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="T",
         help="divide the logits by T before sampling; 0 is greedy (always the likeliest token), otherwise T >= 1e-6 (default: 1.0)",
     )
-    p.add_argument("--top_k", type=int, default=None, metavar="K", help="sample only among the K likeliest tokens (default: all)")
+    p.add_argument(
+        "--top_k", type=int, default=None, metavar="K", help="sample only among the K likeliest tokens (default: all)"
+    )
     p.add_argument(
         "--top_p",
         type=float,
@@ -61,9 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="independent samples (at most 1024), generated as one batch and separated by a line of dashes (default: 1)",
     )
-    p.add_argument("--seed", type=int, default=1337, metavar="S", help="random seed in [0, 2**63 - 1]; the same seed gives the same output (default: 1337)")
     p.add_argument(
-        "--no_kv_cache", action="store_true", help="recompute the whole context at every step instead of using the KV cache (slower; for comparison)"
+        "--seed",
+        type=int,
+        default=1337,
+        metavar="S",
+        help="random seed in [0, 2**63 - 1]; the same seed gives the same output (default: 1337)",
+    )
+    p.add_argument(
+        "--no_kv_cache",
+        action="store_true",
+        help="recompute the whole context at every step instead of using the KV cache (slower; for comparison)",
     )
     p.add_argument("--device", default="cpu", help="where to run: cpu, cuda, cuda:N or mps (default: cpu)")
     p.add_argument(
@@ -86,7 +115,9 @@ def parse_args(args: list[str]) -> argparse.Namespace:
     if not 0 <= opts.max_new_tokens <= MAX_NEW_TOKENS:
         raise UserError(f"--max_new_tokens must be in [0, {MAX_NEW_TOKENS:,}], got {clip(opts.max_new_tokens)}")
     if not 1 <= opts.num_samples <= MAX_SAMPLES:
-        raise UserError(f"--num_samples must be in [1, {MAX_SAMPLES}] (they are generated as one batch), got {clip(opts.num_samples)}")
+        raise UserError(
+            f"--num_samples must be in [1, {MAX_SAMPLES}] (they are generated as one batch), got {clip(opts.num_samples)}"
+        )
     if not 0 <= opts.seed <= MAX_SEED:
         raise UserError(f"--seed must be in [0, 2**63 - 1], got {clip(opts.seed)}")
     try:
@@ -108,7 +139,9 @@ def resolve_device(name: str) -> torch.device:
         if not torch.cuda.is_available():
             raise UserError(f"--device {clip(name)}: no CUDA GPU is available here; use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {clip(name)}: this machine has {torch.cuda.device_count()} CUDA GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+            raise UserError(
+                f"--device {clip(name)}: this machine has {torch.cuda.device_count()} CUDA GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
     elif device.type == "mps":
         if not torch.backends.mps.is_available():
             raise UserError(f"--device {clip(name)}: no Apple GPU (MPS) is available here; use --device cpu")
@@ -138,13 +171,19 @@ def encode_prompt(tokenizer: Any, text: str, vocab_size: int) -> list[int]:
     missing = getattr(tokenizer, "missing", None)  # the char tokenizer knows a fixed set of characters
     if missing is not None and missing(text):
         unknown = list(missing(text))
-        shown = ", ".join(repr(c) for c in unknown[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else "")
-        raise UserError(f"the prompt has characters that the run's {tokenizer.kind} tokenizer does not know: {shown}; leave them out")
+        shown = ", ".join(repr(c) for c in unknown[:20]) + (
+            f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+        )
+        raise UserError(
+            f"the prompt has characters that the run's {tokenizer.kind} tokenizer does not know: {shown}; leave them out"
+        )
     ids = tokenizer.encode(text)
     if not ids:
         raise UserError("the prompt encodes to no tokens; give a longer --prompt")
     if max(ids) >= vocab_size:
-        raise UserError(f"the prompt has token id {max(ids)}, outside the model's vocabulary of {vocab_size}; is tokenizer.json the run's own?")
+        raise UserError(
+            f"the prompt has token id {max(ids)}, outside the model's vocabulary of {vocab_size}; is tokenizer.json the run's own?"
+        )
     return ids
 
 
@@ -194,7 +233,14 @@ def cut_at(text: str, stop: str | None) -> str:
 
 
 def generate_samples(
-    model: Any, tokenizer: Any, prompt_text: str, ids: list[int], opts: argparse.Namespace, out: TextIO, err: TextIO, stop: str | None = None
+    model: Any,
+    tokenizer: Any,
+    prompt_text: str,
+    ids: list[int],
+    opts: argparse.Namespace,
+    out: TextIO,
+    err: TextIO,
+    stop: str | None = None,
 ) -> int:
     """Print opts.num_samples continuations of prompt_text (token ids `ids`); returns the number of tokens generated."""
     device = next(model.parameters()).device
@@ -207,7 +253,13 @@ def generate_samples(
     generator = torch.Generator(device=device).manual_seed(opts.seed)
     idx = torch.tensor([ids] * opts.num_samples, dtype=torch.long, device=device)  # (N, T0)
     stream = model.generate_stream(
-        idx, opts.max_new_tokens, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, generator=generator, use_cache=not opts.no_kv_cache
+        idx,
+        opts.max_new_tokens,
+        temperature=opts.temperature,
+        top_k=opts.top_k,
+        top_p=opts.top_p,
+        generator=generator,
+        use_cache=not opts.no_kv_cache,
     )
 
     if opts.num_samples == 1:  # stream the one sample as it comes
@@ -259,4 +311,7 @@ def sample(args: list[str]) -> None:
         return
     elapsed = time.perf_counter() - start
     cache = "off" if opts.no_kv_cache else "on"
-    print(f"{n_tokens} tokens in {elapsed:.2f} s: {n_tokens / max(elapsed, 1e-9):.1f} tokens/s (KV cache {cache}, seed {opts.seed})", file=sys.stderr)
+    print(
+        f"{n_tokens} tokens in {elapsed:.2f} s: {n_tokens / max(elapsed, 1e-9):.1f} tokens/s (KV cache {cache}, seed {opts.seed})",
+        file=sys.stderr,
+    )

@@ -155,7 +155,9 @@ def _download(url: str, dest: Path, size: int, sha256: str) -> None:
         except (HTTPException, TimeoutError, ConnectionError) as e:
             raise FetchError(f"{type(e).__name__}: {e}") from None
         if got != size or digest.hexdigest() != sha256:
-            raise FetchError(f"got {got:,} bytes with SHA-256 {digest.hexdigest()[:16]}..., the manifest says {size:,} bytes, {sha256[:16]}...")
+            raise FetchError(
+                f"got {got:,} bytes with SHA-256 {digest.hexdigest()[:16]}..., the manifest says {size:,} bytes, {sha256[:16]}..."
+            )
         os.replace(tmp, dest)
     except OSError as e:
         raise disk_error(dest, e) from None
@@ -163,7 +165,9 @@ def _download(url: str, dest: Path, size: int, sha256: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def fetch(url: str, dest: Path, size: int, sha256: str, log: Callable[[str], None] = print, tries: int = FETCH_TRIES) -> None:
+def fetch(
+    url: str, dest: Path, size: int, sha256: str, log: Callable[[str], None] = print, tries: int = FETCH_TRIES
+) -> None:
     """Download with retries (`tries`, exponential backoff); a UserError naming the shard when it cannot be had."""
     for attempt in range(tries):
         try:
@@ -171,7 +175,9 @@ def fetch(url: str, dest: Path, size: int, sha256: str, log: Callable[[str], Non
             return
         except FetchError as e:
             if e.final:
-                raise UserError(f"shard {dest.name} is missing at {url} ({e}): the manifest lists a shard the server does not have; re-upload it") from None
+                raise UserError(
+                    f"shard {dest.name} is missing at {url} ({e}): the manifest lists a shard the server does not have; re-upload it"
+                ) from None
             if attempt == tries - 1:
                 raise UserError(
                     f"could not fetch shard {dest.name} from {url} after {tries} tries (last: {e}); check the server, or re-upload a corrupt copy"
@@ -229,7 +235,13 @@ class ShardStore:
     """
 
     def __init__(self, folder: Path, base: str, dtype: str, budget_bytes: int = 0, log: Callable[[str], None] = print):
-        self.folder, self.base, self.dtype, self.budget, self.log = Path(folder), base, np.dtype(dtype), budget_bytes, log
+        self.folder, self.base, self.dtype, self.budget, self.log = (
+            Path(folder),
+            base,
+            np.dtype(dtype),
+            budget_bytes,
+            log,
+        )
         self.shards: dict[str, Shard] = {}
         self.pinned: set[str] = set()
         self.wanted: set[str] = set()
@@ -271,8 +283,12 @@ class ShardStore:
             p = self.path(s)
             size = p.stat().st_size if p.is_file() else -1
             if size != self.nbytes(s):
-                what = "is missing" if size < 0 else f"has {size:,} bytes, not the {self.nbytes(s):,} the manifest lists"
-                raise UserError(f"the {split} shard {p} {what}: run `python launch/prepare.py` again with the same settings (it rebuilds the missing shards)")
+                what = (
+                    "is missing" if size < 0 else f"has {size:,} bytes, not the {self.nbytes(s):,} the manifest lists"
+                )
+                raise UserError(
+                    f"the {split} shard {p} {what}: run `python launch/prepare.py` again with the same settings (it rebuilds the missing shards)"
+                )
 
     # --- reading
 
@@ -326,11 +342,20 @@ class ShardStore:
             try:
                 if path.is_file() and path.stat().st_size == self.nbytes(shard):
                     return
-                with self._guard:  # room is made and reserved in one go, so two fetches of this process never both take it
+                with (
+                    self._guard
+                ):  # room is made and reserved in one go, so two fetches of this process never both take it
                     self._make_room(self.nbytes(shard), shard.name)
                     self._reserved[shard.name] = self.nbytes(shard)
                 try:
-                    fetch(url, path, self.nbytes(shard), shard.sha256, (lambda _: None) if background else self.log, 1 if background else FETCH_TRIES)
+                    fetch(
+                        url,
+                        path,
+                        self.nbytes(shard),
+                        shard.sha256,
+                        (lambda _: None) if background else self.log,
+                        1 if background else FETCH_TRIES,
+                    )
                 finally:
                     with self._guard:
                         self._reserved.pop(shard.name, None)
@@ -378,7 +403,9 @@ class ShardStore:
                 self._queued.add(n)
                 self._queue.put(n)
         if self._thread is None:
-            self._thread = threading.Thread(target=_prefetch, args=(weakref.ref(self), self._queue), name="shard-prefetch", daemon=True)
+            self._thread = threading.Thread(
+                target=_prefetch, args=(weakref.ref(self), self._queue), name="shard-prefetch", daemon=True
+            )
             self._thread.start()
 
 
@@ -494,12 +521,19 @@ class ShardedSplit:
 
 def manifest_shards(meta: dict, split: str) -> list[Shard]:
     try:
-        return [Shard(str(s["name"]), int(s["tokens"]), str(s["sha256"]), str(s.get("url", ""))) for s in meta["shards"][split]]
+        return [
+            Shard(str(s["name"]), int(s["tokens"]), str(s["sha256"]), str(s.get("url", "")))
+            for s in meta["shards"][split]
+        ]
     except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"meta.json's shard list is malformed ({type(e).__name__}: {e}): prepare the data again") from None
+        raise UserError(
+            f"meta.json's shard list is malformed ({type(e).__name__}: {e}): prepare the data again"
+        ) from None
 
 
-def open_sharded(data_dir: Path, split: str, meta: dict, budget_gb: float = 0.0, log: Callable[[str], None] = print) -> ShardedSplit:
+def open_sharded(
+    data_dir: Path, split: str, meta: dict, budget_gb: float = 0.0, log: Callable[[str], None] = print
+) -> ShardedSplit:
     """A split of a sharded folder. Its shards read in place must all be present and of the right size."""
     store = ShardStore(Path(data_dir), str(meta.get("base", "")), meta["dtype"], int(budget_gb * 1e9), log)
     shards = manifest_shards(meta, split)

@@ -76,7 +76,9 @@ def train(
             return None
 
         def prepare_and_check() -> str:
-            meta = prepare(cfg.data, data_dir=cfg.data_dir, tokenizer=tokenizer, sft=sft, log=log, block_size=cfg.model.block_size)
+            meta = prepare(
+                cfg.data, data_dir=cfg.data_dir, tokenizer=tokenizer, sft=sft, log=log, block_size=cfg.model.block_size
+            )
             prepared = load_tokenizer(cfg.data_dir / "tokenizer.json")
             if tokenizer is not None:
                 check_prepared_tokenizer(cfg.data_dir, tokenizer)
@@ -102,7 +104,9 @@ def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> None:
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = tokenizer_vocab
     elif cfg.model.vocab_size < tokenizer_vocab:
-        raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} tokens; leave it at 0 to take the tokenizer's")
+        raise UserError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} tokens; leave it at 0 to take the tokenizer's"
+        )
 
 
 def prepare_from_config(cfg: Config, log: Callable[[str], None] = print) -> dict:
@@ -117,7 +121,14 @@ def prepare_from_config(cfg: Config, log: Callable[[str], None] = print) -> dict
         if not Path(parent).is_dir():
             raise UserError(f"finetune.init_from: run directory not found: {parent}")
         tokenizer = load_tokenizer(Path(parent) / "tokenizer.json")
-    return prepare(cfg.data, data_dir=cfg.data_dir, tokenizer=tokenizer, sft=cfg.finetune.kind == "sft", log=log, block_size=cfg.model.block_size)
+    return prepare(
+        cfg.data,
+        data_dir=cfg.data_dir,
+        tokenizer=tokenizer,
+        sft=cfg.finetune.kind == "sft",
+        log=log,
+        block_size=cfg.model.block_size,
+    )
 
 
 # ----------------------------------------------------------------------------- pretrain
@@ -142,7 +153,9 @@ def default_pretrain_config(args: list[str]) -> str | None:
     if use_cuda():
         log("no --config given: using configs/shakespeare_char.yaml (the lecture model; a GPU is present)")
         return config_path("shakespeare_char.yaml")
-    log("no --config given and no GPU: using configs/shakespeare_char_cpu.yaml (the lecture model needs hours on a CPU; this one trains in minutes)")
+    log(
+        "no --config given and no GPU: using configs/shakespeare_char_cpu.yaml (the lecture model needs hours on a CPU; this one trains in minutes)"
+    )
     return config_path("shakespeare_char_cpu.yaml")
 
 
@@ -181,7 +194,12 @@ examples:
 """
 
 SHAPE_FREE = ("dropout",)  # model keys a finetune may change: they are not part of the weights' shape or function
-RESUME_KEYS = ("kind", "lora_rank", "lora_alpha", "freeze")  # what the checkpoint's model, optimizer and data were built for
+RESUME_KEYS = (
+    "kind",
+    "lora_rank",
+    "lora_alpha",
+    "freeze",
+)  # what the checkpoint's model, optimizer and data were built for
 
 
 @dataclass
@@ -211,7 +229,9 @@ def load_parent(init_from: str) -> Parent:
             "the run's tokenizer.json was replaced: restore the one it was trained with"
         )
     if is_locked(Path(init_from)):
-        log(f"warning: the parent {init_from} is still training; finetuning from the model it saved last ({(read_summary(Path(init_from)) or {}).get('steps', '?')} steps)")
+        log(
+            f"warning: the parent {init_from} is still training; finetuning from the model it saved last ({(read_summary(Path(init_from)) or {}).get('steps', '?')} steps)"
+        )
     return Parent(run.config.model, run.model.state_dict(), run.tokenizer, read_summary(Path(init_from)))
 
 
@@ -219,28 +239,41 @@ def adopt_parent(cfg: Config, parent: Parent) -> None:
     """Give `cfg` the parent's model and tokenizer; a key the user set that contradicts them is a UserError."""
     for key, value in dataclasses.asdict(parent.config).items():
         mine = getattr(cfg.model, key)
-        auto = (key == "vocab_size" and mine == 0) or (key == "attn_impl")  # 0: the tokenizer's; the kernel is not the model's shape
+        auto = (key == "vocab_size" and mine == 0) or (
+            key == "attn_impl"
+        )  # 0: the tokenizer's; the kernel is not the model's shape
         if f"model.{key}" in cfg.explicit and key not in SHAPE_FREE and mine != value and not auto:
             raise UserError(
                 f"model.{key}={mine!r} contradicts the parent {cfg.finetune.init_from}, which has model.{key}={value!r}: "
                 f"a finetune keeps the parent's shape; remove model.{key} from the config and the command line (only model.dropout may change)"
             )
     dropout = cfg.model.dropout if "model.dropout" in cfg.explicit else parent.config.dropout
-    cfg.model = dataclasses.replace(parent.config, dropout=dropout, attn_impl=cfg.model.attn_impl)  # the kernel: decided on this machine
+    cfg.model = dataclasses.replace(
+        parent.config, dropout=dropout, attn_impl=cfg.model.attn_impl
+    )  # the kernel: decided on this machine
     tok = parent.tokenizer
     if "data.tokenizer" in cfg.explicit and cfg.data.tokenizer != tok.kind:
-        raise UserError(f"data.tokenizer={cfg.data.tokenizer} but the parent {cfg.finetune.init_from} uses the {tok.kind} tokenizer: a finetune encodes its data with the parent's tokenizer; remove data.tokenizer")
+        raise UserError(
+            f"data.tokenizer={cfg.data.tokenizer} but the parent {cfg.finetune.init_from} uses the {tok.kind} tokenizer: a finetune encodes its data with the parent's tokenizer; remove data.tokenizer"
+        )
     if "data.vocab_size" in cfg.explicit and cfg.data.vocab_size != tok.vocab_size:
-        raise UserError(f"data.vocab_size={cfg.data.vocab_size} but the parent's {tok.kind} tokenizer has {tok.vocab_size} tokens: a finetune keeps the parent's tokenizer; remove data.vocab_size")
+        raise UserError(
+            f"data.vocab_size={cfg.data.vocab_size} but the parent's {tok.kind} tokenizer has {tok.vocab_size} tokens: a finetune keeps the parent's tokenizer; remove data.vocab_size"
+        )
     cfg.data.tokenizer, cfg.data.vocab_size = tok.kind, tok.vocab_size
     if cfg.finetune.freeze > cfg.model.n_layer:
-        raise UserError(f"finetune.freeze={cfg.finetune.freeze} but the parent has only {cfg.model.n_layer} blocks: freeze at most model.n_layer")
+        raise UserError(
+            f"finetune.freeze={cfg.finetune.freeze} but the parent has only {cfg.model.n_layer} blocks: freeze at most model.n_layer"
+        )
 
 
 def check_prepared_tokenizer(data_dir: Path, tokenizer: Tokenizer) -> None:
     """The prepared data must be encoded with the parent's tokenizer, token for token."""
     saved = load_tokenizer(data_dir / "tokenizer.json")
-    if saved.fingerprint() != tokenizer.fingerprint() or load_meta(data_dir).get("tokenizer_fingerprint") != tokenizer.fingerprint():
+    if (
+        saved.fingerprint() != tokenizer.fingerprint()
+        or load_meta(data_dir).get("tokenizer_fingerprint") != tokenizer.fingerprint()
+    ):
         raise UserError(
             f"tokenizer mismatch: {data_dir} was prepared with a different tokenizer ({saved.kind}, {saved.vocab_size} tokens) than the parent's "
             f"({tokenizer.kind}, {tokenizer.vocab_size} tokens); delete {data_dir} or choose another data.name so it is prepared again"
@@ -262,7 +295,9 @@ def check_sft_pairs(data_dir: Path, block_size: int) -> None:
                 "or measure; shorten the prompts or finetune a parent with a longer model.block_size"
             )
         if not fits.all():
-            log(f"warning: {int((~fits).sum())} of {len(fits)} {name} pairs have a prompt of block_size={block_size} tokens or more and count for nothing")
+            log(
+                f"warning: {int((~fits).sum())} of {len(fits)} {name} pairs have a prompt of block_size={block_size} tokens or more and count for nothing"
+            )
 
 
 def check_finetune_resume(cfg: Config, run: RunDir) -> None:
@@ -293,12 +328,18 @@ def finetune_job(cfg: Config, parent: Parent) -> Job:
     model = GPT(cfg.model)
     model.load_state_dict(parent.state)
     f = cfg.finetune
-    lineage = {"init_from": f.init_from, "path": str(Path(f.init_from).resolve()) if not f.init_from.startswith("hf:") else None, "summary": parent.summary}
+    lineage = {
+        "init_from": f.init_from,
+        "path": str(Path(f.init_from).resolve()) if not f.init_from.startswith("hf:") else None,
+        "summary": parent.summary,
+    }
     job = Job(cfg=cfg, model=model, tokenizer=parent.tokenizer, data_dir=cfg.data_dir, parent=lineage)
     if f.lora_rank:
         job.model = lora.attach(model, f.lora_rank, f.lora_alpha, f.lora_dropout)
         job.export_weights = partial(lora.merged_state_dict, scale=f.lora_alpha / f.lora_rank)
-        job.save_extras = partial(lora.save_adapter, rank=f.lora_rank, alpha=f.lora_alpha, dropout=f.lora_dropout, base=f.init_from)
+        job.save_extras = partial(
+            lora.save_adapter, rank=f.lora_rank, alpha=f.lora_alpha, dropout=f.lora_dropout, base=f.init_from
+        )
     elif f.freeze:
         freeze_bottom(model, f.freeze)
     return job
@@ -315,4 +356,6 @@ def finetune(args: list[str]) -> None:
             check_sft_pairs(cfg.data_dir, cfg.model.block_size)
         check_finetune_resume(cfg, run)
 
-    train(cfg, "finetune", lambda cfg, _tok: finetune_job(cfg, parent), tokenizer=parent.tokenizer, sft=sft, check=check)
+    train(
+        cfg, "finetune", lambda cfg, _tok: finetune_job(cfg, parent), tokenizer=parent.tokenizer, sft=sft, check=check
+    )

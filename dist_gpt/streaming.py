@@ -90,7 +90,11 @@ def workers_from_launcher(cfg: Config) -> None:
 def is_manifest(spec: str) -> bool:
     """Does data.source name another sharded folder's manifest (PATH/meta.json or URL/meta.json)?"""
     spec = spec.strip()
-    return bool(spec) and "," not in spec and Path(urllib.parse.urlparse(spec).path if is_url(spec) else spec).name == "meta.json"
+    return (
+        bool(spec)
+        and "," not in spec
+        and Path(urllib.parse.urlparse(spec).path if is_url(spec) else spec).name == "meta.json"
+    )
 
 
 # ----------------------------------------------------------------------------- units: the input, one file at a time
@@ -134,11 +138,19 @@ def _open_stream(source: Source, file: Path | None, cfg: DataConfig | None, inde
         files = [str(file)]
         if source.kind == "text":
             text = {"sample_by": "line", "keep_linebreaks": True, "encoding": "utf-8-sig", "encoding_errors": errors}
-            return datasets.load_dataset("text", data_files=files, split="train", streaming=True, chunksize=READ_CHUNK, **text)
+            return datasets.load_dataset(
+                "text", data_files=files, split="train", streaming=True, chunksize=READ_CHUNK, **text
+            )
         if source.kind == "json":
             encoding = "utf_8" if errors == "replace" else "utf-8"  # see prepare._load
             return datasets.load_dataset(
-                "json", data_files=files, split="train", streaming=True, encoding=encoding, encoding_errors=errors, chunksize=READ_CHUNK
+                "json",
+                data_files=files,
+                split="train",
+                streaming=True,
+                encoding=encoding,
+                encoding_errors=errors,
+                chunksize=READ_CHUNK,
             )
         return datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
     except Exception as e:
@@ -209,7 +221,9 @@ def _text_pieces(lines: Iterator[str | None], row: int) -> Iterator[Piece]:
     """Lines -> pieces of about LINES_PER_BATCH lines, each cut at the first clean break after that (prepare._cut)."""
     import pyarrow as pa
 
-    window = LINES_PER_BATCH + MAX_CUT_SCAN + 2  # the lines a cut looks at, so it never depends on how the lines arrived
+    window = (
+        LINES_PER_BATCH + MAX_CUT_SCAN + 2
+    )  # the lines a cut looks at, so it never depends on how the lines arrived
     buf: list[str] = []
     first = row == 0
     for line in lines:
@@ -236,7 +250,9 @@ def _encode_in_worker(job: tuple) -> tuple:
     return _encode(_worker_tokenizer[0], *job)
 
 
-def _encode(tokenizer: Tokenizer, pieces: list[Piece], unknown: str, eot: int | None, dtype: str) -> tuple[list[Piece], list[np.ndarray]]:
+def _encode(
+    tokenizer: Tokenizer, pieces: list[Piece], unknown: str, eot: int | None, dtype: str
+) -> tuple[list[Piece], list[np.ndarray]]:
     """Token ids of each piece (the end-of-text id first where a document starts, when `eot` is given)."""
     texts = [p.text for p in pieces]
     if isinstance(tokenizer, CharTokenizer):
@@ -264,7 +280,9 @@ def _batches(pieces: Iterator[Piece], size: int) -> Iterator[list[Piece]]:
         yield batch
 
 
-def _encoded(pieces: Iterator[Piece], tokenizer: Tokenizer, pool: Any, procs: int, args: tuple) -> Iterator[tuple[Piece, np.ndarray]]:
+def _encoded(
+    pieces: Iterator[Piece], tokenizer: Tokenizer, pool: Any, procs: int, args: tuple
+) -> Iterator[tuple[Piece, np.ndarray]]:
     """(piece, ids) in input order; with a pool of `procs` processes, at most 2 batches per process in flight (bounded memory)."""
     if pool is None:
         for batch in _batches(pieces, RECORDS_PER_BATCH):
@@ -284,7 +302,15 @@ def _encoded(pieces: Iterator[Piece], tokenizer: Tokenizer, pool: Any, procs: in
 
 def _fresh_state() -> dict[str, Any]:
     """Where a unit's next shard starts: input row, tokens of that row already written, the counters so far."""
-    return {"row": 0, "skip": 0, "emitted": 0, "docs": {"train": 0, "val": 0}, "missing": 0, "empty": 0, "counted": False}
+    return {
+        "row": 0,
+        "skip": 0,
+        "emitted": 0,
+        "docs": {"train": 0, "val": 0},
+        "missing": 0,
+        "empty": 0,
+        "counted": False,
+    }
 
 
 class UnitWriter:
@@ -333,7 +359,13 @@ class UnitWriter:
 
     def _close(self) -> None:
         sha = self.file.commit()
-        entry = {"name": self.file.path.name, "split": self.file_split, "tokens": self.file.tokens, "sha256": sha, "start": self.start}
+        entry = {
+            "name": self.file.path.name,
+            "split": self.file_split,
+            "tokens": self.file.tokens,
+            "sha256": sha,
+            "start": self.start,
+        }
         self.record["shards"].append(entry)
         self.file.__exit__()
         self.file = None
@@ -429,7 +461,9 @@ def _train_sampled(cfg: DataConfig, units: list[Unit], log: Callable[[str], None
                 if seen >= share:
                     break
 
-    log(f"training the {cfg.tokenizer} tokenizer on up to {TOKENIZER_SAMPLE >> 20} MB of text from {len(units)} input file(s)")
+    log(
+        f"training the {cfg.tokenizer} tokenizer on up to {TOKENIZER_SAMPLE >> 20} MB of text from {len(units)} input file(s)"
+    )
     seen = [0]
 
     def counted() -> Iterator[str]:
@@ -446,11 +480,17 @@ def _train_sampled(cfg: DataConfig, units: list[Unit], log: Callable[[str], None
 
 
 def _no_text(cfg: DataConfig, source: Source) -> UserError:
-    field = f"no record has a {cfg.text_field!r} field with text (set data.text_field)" if source.kind != "text" else "the files are empty"
+    field = (
+        f"no record has a {cfg.text_field!r} field with text (set data.text_field)"
+        if source.kind != "text"
+        else "the files are empty"
+    )
     return UserError(f"the corpus is empty: {source.describe()}: {field}")
 
 
-def _make_plan(cfg: DataConfig, data_dir: Path, tokenizer: Tokenizer | None, log: Callable[[str], None]) -> tuple[Plan, dict | None]:
+def _make_plan(
+    cfg: DataConfig, data_dir: Path, tokenizer: Tokenizer | None, log: Callable[[str], None]
+) -> tuple[Plan, dict | None]:
     """Resolve the source, fingerprint it; under the folder lock, return the current meta if up to date, else fix the tokenizer."""
     source = resolve_source(cfg, data_dir, log)
     units = _units(source)
@@ -461,14 +501,18 @@ def _make_plan(cfg: DataConfig, data_dir: Path, tokenizer: Tokenizer | None, log
     with FileLock(data_dir / LOCK, f"prepare of {data_dir}", log):
         meta = _current_meta(data_dir, fingerprint)
         if meta:
-            return Plan(fingerprint, settings, load_tokenizer(data_dir / "tokenizer.json"), units, meta.get("eot_id")), meta
+            return Plan(
+                fingerprint, settings, load_tokenizer(data_dir / "tokenizer.json"), units, meta.get("eot_id")
+            ), meta
         plan_file = parts / "plan.json"
         old = read_json(plan_file, "prepare plan") if plan_file.is_file() else {}
         if old.get("fingerprint") != fingerprint or not (parts / "tokenizer.json").is_file():
             if (data_dir / "meta.json").is_file():
                 (data_dir / "meta.json").unlink()  # a rebuild starts: the folder must not look valid until it is done
             shutil.rmtree(parts, ignore_errors=True)
-            tok = tokenizer or (train_tokenizer("gpt2", [], 0) if cfg.tokenizer == "gpt2" else _train_sampled(cfg, units, log))
+            tok = tokenizer or (
+                train_tokenizer("gpt2", [], 0) if cfg.tokenizer == "gpt2" else _train_sampled(cfg, units, log)
+            )
             tok.save(parts / "tokenizer.json")
             atomic_write_json(plan_file, {"fingerprint": fingerprint, "units": len(units), "settings": settings})
         tok = load_tokenizer(parts / "tokenizer.json")
@@ -495,20 +539,34 @@ def _current_meta(data_dir: Path, fingerprint: str) -> dict | None:
 
 
 def prepare_sharded(
-    cfg: DataConfig, data_dir: Path, tokenizer: Tokenizer | None, sft: bool, recipe: str, log: Callable[[str], None], block_size: int
+    cfg: DataConfig,
+    data_dir: Path,
+    tokenizer: Tokenizer | None,
+    sft: bool,
+    recipe: str,
+    log: Callable[[str], None],
+    block_size: int,
 ) -> dict | None:
     """Build the shards this worker owns; the last worker writes meta.json. Returns meta, or None when other workers
     (data.prepare_world > 1) still have units to finish. Any OS failure is one line."""
     if sft:
-        raise UserError("sharded data (data.shard_tokens > 0) holds text for pretraining, not SFT pairs: prepare SFT data with data.shard_tokens=0")
+        raise UserError(
+            "sharded data (data.shard_tokens > 0) holds text for pretraining, not SFT pairs: prepare SFT data with data.shard_tokens=0"
+        )
     if recipe:
-        raise UserError("data.recipe works on the single-array layout: set data.shard_tokens=0, or give the records as .jsonl / parquet files")
+        raise UserError(
+            "data.recipe works on the single-array layout: set data.shard_tokens=0, or give the records as .jsonl / parquet files"
+        )
     if is_manifest(cfg.source):
         return adopt(cfg, data_dir, log, block_size)
     if cfg.val_tokens <= 0:
-        raise UserError("sharded data needs data.val_tokens > 0: the first N tokens of the stream are the val split (e.g. --data.val_tokens=1000000)")
+        raise UserError(
+            "sharded data needs data.val_tokens > 0: the first N tokens of the stream are the val split (e.g. --data.val_tokens=1000000)"
+        )
     if block_size and cfg.shard_tokens < block_size + 1:
-        raise UserError(f"data.shard_tokens={cfg.shard_tokens} is smaller than block_size + 1 = {block_size + 1}: a training window never straddles two shards")
+        raise UserError(
+            f"data.shard_tokens={cfg.shard_tokens} is smaller than block_size + 1 = {block_size + 1}: a training window never straddles two shards"
+        )
     if data_dir.exists() and not data_dir.is_dir():
         raise UserError(f"data.dir {data_dir} is a file, not a folder: move it away or choose another --data.dir")
     try:
@@ -522,7 +580,9 @@ def prepare_sharded(
         raise _os_error_line(failure, data_dir) from None
 
 
-def _prepare(cfg: DataConfig, data_dir: Path, tokenizer: Tokenizer | None, log: Callable[[str], None], block_size: int) -> dict | None:
+def _prepare(
+    cfg: DataConfig, data_dir: Path, tokenizer: Tokenizer | None, log: Callable[[str], None], block_size: int
+) -> dict | None:
     t0 = time.time()
     plan, meta = _make_plan(cfg, data_dir, tokenizer, log)
     if meta:
@@ -532,7 +592,9 @@ def _prepare(cfg: DataConfig, data_dir: Path, tokenizer: Tokenizer | None, log: 
     mine = [u for u in plan.units if u.index % cfg.prepare_world == cfg.prepare_rank]
     pool = None
     if cfg.num_proc > 1:
-        pool = multiprocessing.get_context("spawn").Pool(cfg.num_proc, initializer=_init_worker, initargs=(str(data_dir / PARTS / "tokenizer.json"),))
+        pool = multiprocessing.get_context("spawn").Pool(
+            cfg.num_proc, initializer=_init_worker, initargs=(str(data_dir / PARTS / "tokenizer.json"),)
+        )
     try:
         for unit in mine:
             _prepare_unit(unit, plan, cfg, data_dir, pool, log)
@@ -569,12 +631,22 @@ def _read_record(data_dir: Path, plan: Plan, unit: Unit) -> dict | None:
     return record if record.get("fingerprint") == plan.fingerprint else None
 
 
-def _prepare_unit(unit: Unit, plan: Plan, cfg: DataConfig, data_dir: Path, pool: Any, log: Callable[[str], None]) -> None:
+def _prepare_unit(
+    unit: Unit, plan: Plan, cfg: DataConfig, data_dir: Path, pool: Any, log: Callable[[str], None]
+) -> None:
     """Prepare one unit, continuing after its last complete shard; one worker at a time per unit (a lock file)."""
-    lock = FileLock(data_dir / PARTS / f"unit_{unit.index:05d}.lock", f"prepare of {unit.describe()}", log=lambda _: None).acquire()
+    lock = FileLock(
+        data_dir / PARTS / f"unit_{unit.index:05d}.lock", f"prepare of {unit.describe()}", log=lambda _: None
+    ).acquire()
     try:
         record = _read_record(data_dir, plan, unit)
-        fresh = {"fingerprint": plan.fingerprint, "unit": unit.index, "shards": [], "state": _fresh_state(), "done": False}
+        fresh = {
+            "fingerprint": plan.fingerprint,
+            "unit": unit.index,
+            "shards": [],
+            "state": _fresh_state(),
+            "done": False,
+        }
         record = _resume_point(data_dir, record, np.dtype(plan.dtype).itemsize) if record else fresh
         if record is not None:
             _write_unit(unit, record, plan, cfg, data_dir, pool, log)
@@ -582,7 +654,9 @@ def _prepare_unit(unit: Unit, plan: Plan, cfg: DataConfig, data_dir: Path, pool:
         lock.release(remove=True)
 
 
-def _write_unit(unit: Unit, record: dict, plan: Plan, cfg: DataConfig, data_dir: Path, pool: Any, log: Callable[[str], None]) -> None:
+def _write_unit(
+    unit: Unit, record: dict, plan: Plan, cfg: DataConfig, data_dir: Path, pool: Any, log: Callable[[str], None]
+) -> None:
     for stale in data_dir.glob(f".*_{unit.index:05d}_*.bin.tmp*"):
         stale.unlink(missing_ok=True)  # a killed writer's temporary file
     state = record["state"]
@@ -629,7 +703,9 @@ def _write_manifest(cfg: DataConfig, data_dir: Path, plan: Plan, t0: float, log:
     if totals["docs"]["train"] + totals["docs"]["val"] == 0:
         raise _no_text(cfg, plan.units[0].source)
     if tokens["train"] == 0:
-        raise UserError(f"the corpus is empty: {plan.units[0].source.describe()} holds no tokens once encoded (after the val split's data.val_tokens)")
+        raise UserError(
+            f"the corpus is empty: {plan.units[0].source.describe()} holds no tokens once encoded (after the val split's data.val_tokens)"
+        )
     if totals["missing"]:
         log(f"warning: {totals['missing']:,} records have no {cfg.text_field!r} field (or null): they add no text")
     tok = plan.tokenizer
@@ -695,23 +771,36 @@ def adopt(cfg: DataConfig, data_dir: Path, log: Callable[[str], None], block_siz
     spec = cfg.source.strip()
     base = spec.rsplit("/", 1)[0] + "/" if is_url(spec) else str(Path(spec).expanduser().resolve().parent)
     if not is_url(spec) and Path(base) == data_dir.resolve():
-        raise UserError(f"data.source names the manifest of data.dir itself ({spec}): leave data.source empty-handed, or point data.dir elsewhere")
+        raise UserError(
+            f"data.source names the manifest of data.dir itself ({spec}): leave data.source empty-handed, or point data.dir elsewhere"
+        )
     raw = read_url(spec if is_url(spec) else str(Path(spec).expanduser()), "shard manifest")
     try:
         meta = json.loads(raw)
-        ok = isinstance(meta, dict) and meta.get("layout") == LAYOUT and all(isinstance(meta.get(k), str) for k in ("fingerprint", "dtype"))
+        ok = (
+            isinstance(meta, dict)
+            and meta.get("layout") == LAYOUT
+            and all(isinstance(meta.get(k), str) for k in ("fingerprint", "dtype"))
+        )
         manifest_shards(meta, "train")
         manifest_shards(meta, "val")
     except (json.JSONDecodeError, UnicodeDecodeError, UserError):
         ok = False
     if not ok:
-        raise UserError(f"data.source {spec} is not the meta.json of a sharded dist_gpt folder (prepared with data.shard_tokens > 0)")
+        raise UserError(
+            f"data.source {spec} is not the meta.json of a sharded dist_gpt folder (prepared with data.shard_tokens > 0)"
+        )
     tok_raw = read_url(join(base, "tokenizer.json"), "tokenizer")
     with FileLock(data_dir / LOCK, f"prepare of {data_dir}", log):
         local = data_dir / "meta.json"
         current = read_json(local, "meta file") if local.is_file() else {}
         tok_file = data_dir / "tokenizer.json"
-        if current.get("fingerprint") == meta["fingerprint"] and current.get("base") == base and tok_file.is_file() and tok_file.read_bytes() == tok_raw:
+        if (
+            current.get("fingerprint") == meta["fingerprint"]
+            and current.get("base") == base
+            and tok_file.is_file()
+            and tok_file.read_bytes() == tok_raw
+        ):
             _check_sizes(current, block_size)
             log(f"{data_dir} is up to date ({_summary(current)}); nothing to do")
             return current
@@ -722,7 +811,9 @@ def adopt(cfg: DataConfig, data_dir: Path, log: Callable[[str], None], block_siz
         finally:
             tmp.unlink(missing_ok=True)
         if tok.fingerprint() != meta.get("tokenizer_fingerprint"):
-            raise UserError(f"the tokenizer.json beside {spec} is not the one its meta.json names: re-upload the folder as prepared")
+            raise UserError(
+                f"the tokenizer.json beside {spec} is not the one its meta.json names: re-upload the folder as prepared"
+            )
         meta["base"] = base
         _check_sizes(meta, block_size)
         with StagedFiles() as staged:

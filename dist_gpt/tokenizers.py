@@ -136,7 +136,9 @@ class CharTokenizer(Tokenizer):
         return int(np.count_nonzero(self._lookup(text) == self._UNKNOWN))
 
     def unknown_error(self, missing: Sequence[str]) -> UserError:
-        shown = ", ".join(repr(c) for c in missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        shown = ", ".join(repr(c) for c in missing[:10]) + (
+            f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        )
         return UserError(
             f"{len(missing)} character(s) are not in the char tokenizer's vocabulary: {shown}; "
             f"set data.unknown=drop to remove them or data.unknown=replace to write {self.replacement!r} instead"
@@ -191,7 +193,12 @@ class BPETokenizer(Tokenizer):
         # GPT-2's regex, no prefix space: pieces of a text cut at a clean line break encode like the whole (see prepare.py)
         tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = hf.decoders.ByteLevel()
-        trainer = hf.trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        trainer = hf.trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=2,
+            initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
         tok.train_from_iterator(texts, trainer)
         return cls(tok)
 
@@ -276,7 +283,9 @@ class GPT2Tokenizer(Tokenizer):
         return {"kind": self.kind, "vocab_size": self.vocab_size}
 
     def to_hf(self) -> hf.Tokenizer:
-        raise UserError("the gpt2 tokenizer has no tokenizers-library form here: use transformers' own GPT-2 tokenizer ('gpt2'), which encodes identically")
+        raise UserError(
+            "the gpt2 tokenizer has no tokenizers-library form here: use transformers' own GPT-2 tokenizer ('gpt2'), which encodes identically"
+        )
 
 
 # ----------------------------------------------------------------------------- building and loading

@@ -26,12 +26,15 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def wandb_init_args(cfg: Any, run_dir: Path, wandb_id: str | None, env: Mapping[str, str] = os.environ) -> tuple[str, dict[str, Any]]:
+def wandb_init_args(
+    cfg: Any, run_dir: Path, wandb_id: str | None, env: Mapping[str, str] = os.environ
+) -> tuple[str, dict[str, Any]]:
     """(project, keyword arguments of wandb.init) for this run, W&B's environment variables taken into account."""
     project = cfg.log.project if "log.project" in cfg.explicit else env.get("WANDB_PROJECT") or cfg.log.project
     kwargs = {
         "name": cfg.log.run_name or env.get("WANDB_NAME") or run_dir.name,
-        "id": env.get("WANDB_RUN_ID") or wandb_id,  # a sweep agent names the run it started; otherwise ours, kept across resumes
+        "id": env.get("WANDB_RUN_ID")
+        or wandb_id,  # a sweep agent names the run it started; otherwise ours, kept across resumes
         "resume": "allow",
         "dir": env.get("WANDB_DIR") or str(run_dir),
     }
@@ -53,7 +56,9 @@ def wandb_mode_for(wandb_dir: str | Path) -> str:
     if has_key:
         return "online"
     os.environ["WANDB_MODE"] = "offline"
-    log(f"W&B: no credentials found, logging offline into {Path(wandb_dir) / 'wandb'} (upload later with `wandb sync`; --log.wandb=false turns it off)")
+    log(
+        f"W&B: no credentials found, logging offline into {Path(wandb_dir) / 'wandb'} (upload later with `wandb sync`; --log.wandb=false turns it off)"
+    )
     return "offline"
 
 
@@ -101,9 +106,18 @@ class Tracker:
             accelerator.init_trackers(project, config=cfg.to_dict(), init_kwargs={"wandb": init})
         # the bar counts steps, or seconds when a time budget ends the run (its ETA is then the budget's)
         self.by_time = cfg.train.time_budget_s > 0
-        total, done = (round(cfg.train.time_budget_s), round(elapsed_s)) if self.by_time else (cfg.train.max_steps, start_step)
+        total, done = (
+            (round(cfg.train.time_budget_s), round(elapsed_s)) if self.by_time else (cfg.train.max_steps, start_step)
+        )
         unit = "s" if self.by_time else "step"
-        self.bar = tqdm(total=total, initial=done, disable=not (self.main and cfg.log.progress), unit=unit, dynamic_ncols=True, file=sys.stderr)
+        self.bar = tqdm(
+            total=total,
+            initial=done,
+            disable=not (self.main and cfg.log.progress),
+            unit=unit,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
 
     def metrics(self, record: dict[str, Any]) -> None:
         if not self.main:

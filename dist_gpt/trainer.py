@@ -29,7 +29,9 @@ from dist_gpt.rundir import RunDir
 from dist_gpt.runtime import check_replicas_agree, checkpoint_blocks, is_sharded, peak_flops, seed_everything, teardown
 from dist_gpt.tracking import Tracker, log
 
-EVAL_SHARE = 0.08  # with a time budget, all the run's evaluations together (both splits) may take at most this share of it
+EVAL_SHARE = (
+    0.08  # with a time budget, all the run's evaluations together (both splits) may take at most this share of it
+)
 
 
 @dataclass
@@ -60,7 +62,9 @@ def affordable_eval_iters(per_batch_s: float, t: TrainConfig, world: int) -> tup
     """
     steps = min(t.max_steps, t.time_budget_s / (2 * per_batch_s * t.grad_accum))
     evaluations = 1 + int(t.eval_at_start) + int(steps // t.eval_interval)
-    affordable = int(EVAL_SHARE * t.time_budget_s / (evaluations * 2 * per_batch_s)) * world  # two splits; the ranks share the batches
+    affordable = (
+        int(EVAL_SHARE * t.time_budget_s / (evaluations * 2 * per_batch_s)) * world
+    )  # two splits; the ranks share the batches
     return min(t.eval_iters, max(affordable, 1)), evaluations
 
 
@@ -74,30 +78,55 @@ class Trainer:
         self.stopping = False  # set when the ranks agree to stop (see train_step)
         self.tokens_per_step = t.batch_size * self.block_size * t.grad_accum * self.world
         self.state = TrainState(
-            world_size=self.world, tokens_per_step=self.tokens_per_step, batch_size=t.batch_size, grad_accum=t.grad_accum, block_size=self.block_size
+            world_size=self.world,
+            tokens_per_step=self.tokens_per_step,
+            batch_size=t.batch_size,
+            grad_accum=t.grad_accum,
+            block_size=self.block_size,
         )
         accelerator.gradient_accumulation_steps = t.grad_accum
 
         seed_everything(self.cfg.run.seed + self.rank)
         cuda = accelerator.device.type == "cuda"
-        self.recomputed_blocks = checkpoint_blocks(job.model, t.activation_checkpointing)  # before DDP/FSDP/compile wrap it
+        self.recomputed_blocks = checkpoint_blocks(
+            job.model, t.activation_checkpointing
+        )  # before DDP/FSDP/compile wrap it
         self.model = accelerator.prepare(job.model)
         self.sharded = is_sharded(self.model)
         ns_dtype = getattr(accelerator, "ns_dtype", torch.bfloat16)
         self.optimizer = accelerator.prepare(make_optimizer(self.model, t, sharded=self.sharded, ns_dtype=ns_dtype))
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]  # each group's peak; the schedule scales them
-        self.raw_model = accelerator.unwrap_model(self.model, keep_torch_compile=False)  # never rewires a compiled wrapper
-        self.flops_per_token = self.raw_model.estimate_flops_per_token() if hasattr(self.raw_model, "estimate_flops_per_token") else 0
+        self.raw_model = accelerator.unwrap_model(
+            self.model, keep_torch_compile=False
+        )  # never rewires a compiled wrapper
+        self.flops_per_token = (
+            self.raw_model.estimate_flops_per_token() if hasattr(self.raw_model, "estimate_flops_per_token") else 0
+        )
         self.peak = peak_flops(torch.cuda.get_device_name(accelerator.device)) if cuda else None
 
-        self.train_split, self.val_split = open_split(job.data_dir, "train", self.cfg.data), open_split(job.data_dir, "val", self.cfg.data)
+        self.train_split, self.val_split = (
+            open_split(job.data_dir, "train", self.cfg.data),
+            open_split(job.data_dir, "val", self.cfg.data),
+        )
         for name, split in (("train", self.train_split), ("val", self.val_split)):
             check_split_size(name, len(split.tokens), self.block_size)
-        loader = BatchLoader(self.train_split, self.block_size, t.batch_size, seed=self.cfg.run.seed, rank=self.rank, world_size=self.world, mode=self.cfg.data.loader)
+        loader = BatchLoader(
+            self.train_split,
+            self.block_size,
+            t.batch_size,
+            seed=self.cfg.run.seed,
+            rank=self.rank,
+            world_size=self.world,
+            mode=self.cfg.data.loader,
+        )
         self.batches = DeviceBatches(loader, accelerator.device)
 
         self.checkpointer = Checkpointer(run.checkpoints, accelerator, keep=t.keep_checkpoints)
-        self.parts: dict[str, Any] = {"train": self.state, "model": ModelState(self.model), "optimizer": OptimizerState(self.model, self.optimizer.optimizer)}
+        self.parts: dict[str, Any] = {
+            "train": self.state,
+            "model": ModelState(self.model),
+            "optimizer": OptimizerState(self.model, self.optimizer.optimizer),
+        }
         if accelerator.scaler is not None:
             self.parts["scaler"] = accelerator.scaler
         self.parts |= {"loader": self.batches, "rng": RNGState()}  # the RNG last: nothing may draw after it is restored
@@ -120,8 +149,16 @@ class Trainer:
                     "but the result is not bit-identical to a run that kept one process count"
                 )
             elif s.grad_accum != t.grad_accum:
-                log(f"train.grad_accum {t.grad_accum} instead of the checkpoint's {s.grad_accum}: {self.tokens_per_step:,} tokens per optimizer step")
-        s.world_size, s.tokens_per_step, s.batch_size, s.grad_accum, s.block_size = self.world, self.tokens_per_step, t.batch_size, t.grad_accum, self.block_size
+                log(
+                    f"train.grad_accum {t.grad_accum} instead of the checkpoint's {s.grad_accum}: {self.tokens_per_step:,} tokens per optimizer step"
+                )
+        s.world_size, s.tokens_per_step, s.batch_size, s.grad_accum, s.block_size = (
+            self.world,
+            self.tokens_per_step,
+            t.batch_size,
+            t.grad_accum,
+            self.block_size,
+        )
 
     # --- checkpoints --------------------------------------------------------------------------------
 
@@ -161,7 +198,10 @@ class Trainer:
         self.model.eval()
         if not self.state.eval_iters:
             self.state.eval_iters = self._eval_iters_within_budget()
-        out = {name: self._eval_split(split) for name, split in (("eval_train_loss", self.train_split), ("val_loss", self.val_split))}
+        out = {
+            name: self._eval_split(split)
+            for name, split in (("eval_train_loss", self.train_split), ("val_loss", self.val_split))
+        }
         self.model.train()
         return out
 
@@ -194,7 +234,9 @@ class Trainer:
         # With sharded weights every forward is a collective: every rank runs as many as the busiest one, padding with
         # batches that count for nothing.
         rounds = -(-n // self.world) if self.sharded else mine
-        batches = eval_batches(split, self.block_size, t.batch_size, n, seed=self.cfg.run.seed, rank=self.rank, world_size=self.world)
+        batches = eval_batches(
+            split, self.block_size, t.batch_size, n, seed=self.cfg.run.seed, rank=self.rank, world_size=self.world
+        )
         pad = None
         total = torch.zeros(2, device=device, dtype=torch.float32)
         for i in range(rounds):
@@ -246,18 +288,28 @@ class Trainer:
                 self.acc.backward(loss)
             total += loss.detach().float()
         clip = t.grad_clip > 0
-        norm = self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip) if clip else torch.zeros((), device=device)
+        norm = (
+            self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip) if clip else torch.zeros((), device=device)
+        )
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded gradients give a DTensor norm
-        host = torch.tensor([float(self.stop_signal is not None), self._elapsed_base + self._clock() - self._t0], dtype=torch.float32)
+        host = torch.tensor(
+            [float(self.stop_signal is not None), self._elapsed_base + self._clock() - self._t0], dtype=torch.float32
+        )
         stats = torch.cat([torch.stack([total / t.grad_accum, norm.float().to(device)]), host.to(device)])
         loss, norm_sum, stop, elapsed = self.acc.reduce(stats, "sum").tolist()
         # Every rank acts on this agreed flag, never on its own: a signal landing after the reduce counts at the next step.
         self.stopping = stop > 0
         s.elapsed_s = elapsed / self.world
         loss /= self.world
-        bad_grad = clip and self.acc.scaler is None and not math.isfinite(norm_sum)  # fp16's scaler skips such steps itself
+        bad_grad = (
+            clip and self.acc.scaler is None and not math.isfinite(norm_sum)
+        )  # fp16's scaler skips such steps itself
         if not math.isfinite(loss) or bad_grad:
-            what = f"the loss became {loss}" if not math.isfinite(loss) else f"the gradient norm became {norm_sum / self.world}"
+            what = (
+                f"the loss became {loss}"
+                if not math.isfinite(loss)
+                else f"the gradient norm became {norm_sum / self.world}"
+            )
             if t.on_nan == "stop":
                 raise NonFiniteLoss(
                     f"{what} at step {s.step + 1}; stopping without saving. The last good checkpoint is untouched: "
@@ -278,7 +330,9 @@ class Trainer:
             os._exit(128 + signum)  # second signal: leave at once
         self.stop_signal = signum
         if self.acc.is_main_process:
-            log(f"\nreceived {signal.Signals(signum).name}: writing a checkpoint at the end of this step, then exiting (signal again to exit at once)")
+            log(
+                f"\nreceived {signal.Signals(signum).name}: writing a checkpoint at the end of this step, then exiting (signal again to exit at once)"
+            )
 
     def fit(self) -> TrainState:
         cfg, t, s = self.cfg, self.cfg.train, self.state
@@ -288,7 +342,14 @@ class Trainer:
         self.acc.wait_for_everyone()
         log_main(self._describe())
         tracker = Tracker(self.acc, self.run, cfg, s.step, s.elapsed_s, s.wandb_id)
-        profiler = Profiler(cfg.log, self.run.profile, self.rank, self.acc.is_main_process, self.acc.device.type == "cuda", first_step=s.step + 1)
+        profiler = Profiler(
+            cfg.log,
+            self.run.profile,
+            self.rank,
+            self.acc.is_main_process,
+            self.acc.device.type == "cuda",
+            first_step=s.step + 1,
+        )
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         self._t0, self._elapsed_base = self._clock(), s.elapsed_s
         try:
@@ -301,21 +362,37 @@ class Trainer:
                 s.step += 1
                 s.tokens_seen += self.tokens_per_step
                 done, stopping = s.finished(t), self.stopping
-                eval_due = s.step % t.eval_interval == 0 or done  # also when stopping: the metrics stay those of an uninterrupted run
+                eval_due = (
+                    s.step % t.eval_interval == 0 or done
+                )  # also when stopping: the metrics stay those of an uninterrupted run
                 if s.step % t.log_interval == 0 or eval_due or done:
                     now = time.perf_counter()
                     tok_s = (s.tokens_seen - last_tokens) / max(now - last_time, 1e-9)
-                    record = {"step": s.step, "train_loss": loss, "lr": self.lr, "tokens": s.tokens_seen, "tokens_per_s": round(tok_s, 1), "elapsed_s": round(s.elapsed_s, 3)}
+                    record = {
+                        "step": s.step,
+                        "train_loss": loss,
+                        "lr": self.lr,
+                        "tokens": s.tokens_seen,
+                        "tokens_per_s": round(tok_s, 1),
+                        "elapsed_s": round(s.elapsed_s, 3),
+                    }
                     if self.peak:
                         record["mfu"] = round(self.flops_per_token * tok_s / (self.peak[0] * self.world), 4)
                     self._eval_and_log(tracker, record) if eval_due else tracker.metrics(record)
-                    tracker.progress(s.step, s.elapsed_s, loss=f"{loss:.4f}" if loss is not None else "skipped", tok_s=f"{tok_s:,.0f}")
+                    tracker.progress(
+                        s.step,
+                        s.elapsed_s,
+                        loss=f"{loss:.4f}" if loss is not None else "skipped",
+                        tok_s=f"{tok_s:,.0f}",
+                    )
                     last_time, last_tokens = time.perf_counter(), s.tokens_seen
                 if s.step % t.checkpoint_interval == 0 or done or stopping:
                     self.save_checkpoint()
                 if stopping:
                     name = signal.Signals(self.stop_signal).name if self.stop_signal else "a signal to another process"
-                    log_main(f"stopped by {name} at step {s.step}; checkpoint written to {self.run.path}; rerun the same command to resume")
+                    log_main(
+                        f"stopped by {name} at step {s.step}; checkpoint written to {self.run.path}; rerun the same command to resume"
+                    )
                     self.close()  # every rank is here
                     raise SystemExit(128 + (self.stop_signal or signal.SIGTERM))
                 if done:
@@ -325,9 +402,13 @@ class Trainer:
                 signal.signal(sig, handler)
             profiler.close()
             tracker.close()
-        log_main(f"done: {s.step} steps, val loss {s.last_val_loss:.4f} (best {s.best_val_loss:.4f}), {s.elapsed_s:.1f} s; model in {self.run.path / 'model.safetensors'}")
+        log_main(
+            f"done: {s.step} steps, val loss {s.last_val_loss:.4f} (best {s.best_val_loss:.4f}), {s.elapsed_s:.1f} s; model in {self.run.path / 'model.safetensors'}"
+        )
         if self.acc.device.type == "cuda":
-            log_main(f"peak GPU memory (process 0): {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved")
+            log_main(
+                f"peak GPU memory (process 0): {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved"
+            )
         if not self.sharded:
             check_replicas_agree(self.acc, self.raw_model)
         self.close()
@@ -346,9 +427,13 @@ class Trainer:
         ]
         if self.recomputed_blocks:
             n, of = self.recomputed_blocks, self.cfg.model.n_layer
-            lines.append(f"activation checkpointing ({t.activation_checkpointing}): {n} of {of} Blocks recompute their activations in the backward pass")
+            lines.append(
+                f"activation checkpointing ({t.activation_checkpointing}): {n} of {of} Blocks recompute their activations in the backward pass"
+            )
         if self.peak:
-            lines.append(f"MFU is quoted against the {self.peak[1]} datasheet's dense bf16 peak, {self.peak[0] / 1e12:.0f} TFLOP/s per GPU")
+            lines.append(
+                f"MFU is quoted against the {self.peak[1]} datasheet's dense bf16 peak, {self.peak[0] / 1e12:.0f} TFLOP/s per GPU"
+            )
         return "\n".join(lines)
 
     def _optimizer_name(self) -> str:

@@ -58,7 +58,12 @@ def sonnets() -> Path:
 
 
 def run_script(
-    script: str, *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600, launcher: list[str] | None = None
+    script: str,
+    *args: str,
+    cwd: Path | None = None,
+    env: dict | None = None,
+    timeout: float = 600,
+    launcher: list[str] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run `launch/<script>` as a user would (python, or a launcher such as accelerate); capture its output."""
     cmd = [*(launcher or [sys.executable]), str(REPO / "launch" / script), *args]

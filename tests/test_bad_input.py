@@ -23,7 +23,13 @@ from dist_gpt.tokenizers import CharTokenizer, load_tokenizer
 
 SMOKE = ["--config", "configs/smoke.yaml"]
 PRETRAIN = [*SMOKE, "--data.source={shakespeare}", "--data.dir={data}", "--run.out_dir={out}"]
-FINETUNE = [*SMOKE, "--data.source={shakespeare}", "--data.dir={tmp}/ft_data", "--run.out_dir={out}", "--finetune.init_from={run}"]
+FINETUNE = [
+    *SMOKE,
+    "--data.source={shakespeare}",
+    "--data.dir={tmp}/ft_data",
+    "--run.out_dir={out}",
+    "--finetune.init_from={run}",
+]
 PREPARE = [*SMOKE, "--data.dir={tmp}/data"]
 
 # Starts a launch script with writes limited to 60 kB per file (SIGXFSZ ignored), so writing a checkpoint fails
@@ -40,7 +46,9 @@ DISK_FULL = [
 class Row:
     id: str
     script: str
-    args: list[str]  # formatted with the paths below: {tmp} (this row's folder), {out} (its run directory), {run}, {data}, ...
+    args: list[
+        str
+    ]  # formatted with the paths below: {tmp} (this row's folder), {out} (its run directory), {run}, {data}, ...
     expect: str | tuple[str, ...]  # distinctive parts of the one-line message, the problem and the fix (formatted too)
     setup: Callable[[dict], None] | None = None
     launcher: list[str] | None = None
@@ -177,7 +185,11 @@ def runs_untouched(p: dict) -> None:
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file() and f.name != ".lock"}
+    return {
+        str(f.relative_to(folder)): f.read_bytes()
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.name != ".lock"
+    }
 
 
 # ----------------------------------------------------------------------------- the table
@@ -221,7 +233,12 @@ ROWS = [
         "data.tokenizer: 'wordpiece' is not one of char, bpe, gpt2",
         check=no_arrays,
     ),
-    Row("prepare: config file not found", "prepare.py", ["--config", "{tmp}/nope.yaml"], "config file not found: {tmp}/nope.yaml"),
+    Row(
+        "prepare: config file not found",
+        "prepare.py",
+        ["--config", "{tmp}/nope.yaml"],
+        "config file not found: {tmp}/nope.yaml",
+    ),
     Row(
         "prepare: config not valid YAML",
         "prepare.py",
@@ -230,8 +247,18 @@ ROWS = [
         write("broken.yaml", b"train:\n  lr: [1\n"),
     ),
     # pretrain
-    Row("pretrain: wrong type", "pretrain.py", [*PRETRAIN, "--train.batch_size=abc"], "train.batch_size: expected int, got 'abc'"),
-    Row("pretrain: batch_size 0", "pretrain.py", [*PRETRAIN, "--train.batch_size=0"], "train.batch_size must be >= 1, got 0"),
+    Row(
+        "pretrain: wrong type",
+        "pretrain.py",
+        [*PRETRAIN, "--train.batch_size=abc"],
+        "train.batch_size: expected int, got 'abc'",
+    ),
+    Row(
+        "pretrain: batch_size 0",
+        "pretrain.py",
+        [*PRETRAIN, "--train.batch_size=0"],
+        "train.batch_size must be >= 1, got 0",
+    ),
     Row(
         "pretrain: contradictory model shape",
         "pretrain.py",
@@ -241,7 +268,13 @@ ROWS = [
     Row(
         "pretrain: block_size larger than a split",
         "pretrain.py",
-        [*SMOKE, "--data.source={tmp}/small.txt", "--data.dir={tmp}/data", "--run.out_dir={out}", "--model.block_size=512"],
+        [
+            *SMOKE,
+            "--data.source={tmp}/small.txt",
+            "--data.dir={tmp}/data",
+            "--run.out_dir={out}",
+            "--model.block_size=512",
+        ],
         "the val split has 300 tokens, fewer than block_size + 1 = 513: use a larger corpus, change data.val_fraction, or lower model.block_size",
         lambda p: (p["tmp"] / "small.txt").write_text(p["shakespeare"].read_text()[:3000]),
         check=no_arrays,
@@ -252,7 +285,12 @@ ROWS = [
         [*PRETRAIN, "--model.vocab_size=10"],
         "model.vocab_size=10 is smaller than the tokenizer's 65 tokens; leave it at 0",
     ),
-    Row("pretrain: unexpected argument", "pretrain.py", [*PRETRAIN, "--bogus"], "unexpected argument '--bogus': overrides look like --section.key=value"),
+    Row(
+        "pretrain: unexpected argument",
+        "pretrain.py",
+        [*PRETRAIN, "--bogus"],
+        "unexpected argument '--bogus': overrides look like --section.key=value",
+    ),
     Row(
         "pretrain: out_dir not writable",
         "pretrain.py",
@@ -319,7 +357,11 @@ ROWS = [
         "pretrain: finished run without checkpoints, rerun",
         "pretrain.py",
         PRETRAIN,
-        ("holds a trained model but its checkpoints/ folder is gone", "finetune.init_from={out}", "--run.resume=never --run.overwrite=true"),
+        (
+            "holds a trained model but its checkpoints/ folder is gone",
+            "finetune.init_from={out}",
+            "--run.resume=never --run.overwrite=true",
+        ),
         without_checkpoints,
         check=unchanged_but_checkpoints,
     ),
@@ -334,7 +376,13 @@ ROWS = [
     Row(
         "pretrain: finished run continued on another corpus of the same vocabulary size",
         "pretrain.py",
-        [*SMOKE, "--data.source={tmp}/other.txt", "--data.dir={tmp}/other_data", "--run.out_dir={out}", "--train.max_steps=8"],
+        [
+            *SMOKE,
+            "--data.source={tmp}/other.txt",
+            "--data.dir={tmp}/other_data",
+            "--run.out_dir={out}",
+            "--train.max_steps=8",
+        ],
         ("was trained with another tokenizer", "resume with the data it was trained on"),
         other_corpus,
         check=copy_unchanged,
@@ -342,7 +390,13 @@ ROWS = [
     Row(
         "pretrain: finished run continued on other data with the same tokenizer",
         "pretrain.py",
-        [*SMOKE, "--data.source={tmp}/other.txt", "--data.dir={tmp}/other_data", "--run.out_dir={out}", "--train.max_steps=8"],
+        [
+            *SMOKE,
+            "--data.source={tmp}/other.txt",
+            "--data.dir={tmp}/other_data",
+            "--run.out_dir={out}",
+            "--train.max_steps=8",
+        ],
         ("was trained on other data", "finetune from it to train on new data"),
         same_chars_other_text,
         check=copy_unchanged,
@@ -374,25 +428,51 @@ ROWS = [
     Row(
         "pretrain: the data folder as the run directory",
         "pretrain.py",
-        [*SMOKE, "--data.source={shakespeare}", "--data.dir={data}", "--run.out_dir={data}", "--run.resume=never", "--run.overwrite=true"],
+        [
+            *SMOKE,
+            "--data.source={shakespeare}",
+            "--data.dir={data}",
+            "--run.out_dir={data}",
+            "--run.resume=never",
+            "--run.overwrite=true",
+        ],
         "is the data folder (or above it)",
     ),
     Row(
         "pretrain: a folder above the data as the run directory",
         "pretrain.py",
-        [*SMOKE, "--data.source={shakespeare}", "--data.dir={tmp}/d/data", "--run.out_dir={tmp}/d", "--run.resume=never", "--run.overwrite=true"],
+        [
+            *SMOKE,
+            "--data.source={shakespeare}",
+            "--data.dir={tmp}/d/data",
+            "--run.out_dir={tmp}/d",
+            "--run.resume=never",
+            "--run.overwrite=true",
+        ],
         "is the data folder (or above it)",
     ),
     Row(
         "finetune: into its own parent",
         "finetune.py",
-        [*SMOKE, "--data.source={shakespeare}", "--data.dir={tmp}/ft_data", "--run.out_dir={run}", "--finetune.init_from={run}"],
+        [
+            *SMOKE,
+            "--data.source={shakespeare}",
+            "--data.dir={tmp}/ft_data",
+            "--run.out_dir={run}",
+            "--finetune.init_from={run}",
+        ],
         ("is the parent run", "never touches its parent's"),
     ),
     Row(
         "finetune: inside its parent",
         "finetune.py",
-        [*SMOKE, "--data.source={shakespeare}", "--data.dir={tmp}/ft_data", "--run.out_dir={run}/finetuned", "--finetune.init_from={run}"],
+        [
+            *SMOKE,
+            "--data.source={shakespeare}",
+            "--data.dir={tmp}/ft_data",
+            "--run.out_dir={run}/finetuned",
+            "--finetune.init_from={run}",
+        ],
         "is the parent run {run} (or contains or lies inside it)",
     ),
     Row(
@@ -404,7 +484,12 @@ ROWS = [
         check=copy_unchanged,
     ),
     # finetune
-    Row("finetune: no parent", "finetune.py", [*FINETUNE[:-1]], "finetune.init_from is required: --finetune.init_from=RUN_DIR"),
+    Row(
+        "finetune: no parent",
+        "finetune.py",
+        [*FINETUNE[:-1]],
+        "finetune.init_from is required: --finetune.init_from=RUN_DIR",
+    ),
     Row(
         "finetune: shape contradicts the parent",
         "finetune.py",
@@ -446,8 +531,18 @@ ROWS = [
         check=no_arrays,
     ),  # fmt: skip
     # sample
-    Row("sample: missing run directory", "sample.py", ["--run", "{tmp}/nope", "--prompt", "ROMEO:"], "run directory not found: {tmp}/nope"),
-    Row("sample: not a run directory", "sample.py", ["--run", "{tmp}", "--prompt", "ROMEO:"], "{tmp} is not a run directory: config.yaml is missing"),
+    Row(
+        "sample: missing run directory",
+        "sample.py",
+        ["--run", "{tmp}/nope", "--prompt", "ROMEO:"],
+        "run directory not found: {tmp}/nope",
+    ),
+    Row(
+        "sample: not a run directory",
+        "sample.py",
+        ["--run", "{tmp}", "--prompt", "ROMEO:"],
+        "{tmp} is not a run directory: config.yaml is missing",
+    ),
     Row(
         "sample: corrupt model.safetensors",
         "sample.py",
@@ -483,7 +578,14 @@ def world(tmp_path_factory, shakespeare, sonnets) -> dict:
         "--train.checkpoint_interval=2",
     )
     assert out.returncode == 0, out.stderr
-    return {"shakespeare": shakespeare, "sonnets": sonnets, "data": data, "run": run, "pid": os.getpid(), "host": socket.gethostname()}
+    return {
+        "shakespeare": shakespeare,
+        "sonnets": sonnets,
+        "data": data,
+        "run": run,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+    }
 
 
 def half_written(folder: Path) -> list[Path]:
@@ -518,7 +620,14 @@ def test_a_command_with_nothing_to_do_changes_nothing(world, tmp_path, shakespea
     (tmp_path / "other.txt").write_text(shakespeare.read_text(encoding="utf-8")[::-1], encoding="utf-8")
     before = snapshot(tmp_path / "run")
     for source, data in ((shakespeare, world["data"]), (tmp_path / "other.txt", tmp_path / "other_data")):
-        out = run_script("pretrain.py", *SMOKE, f"--data.source={source}", f"--data.dir={data}", f"--run.out_dir={tmp_path / 'run'}", "--train.max_steps=4")
+        out = run_script(
+            "pretrain.py",
+            *SMOKE,
+            f"--data.source={source}",
+            f"--data.dir={data}",
+            f"--run.out_dir={tmp_path / 'run'}",
+            "--train.max_steps=4",
+        )
         assert out.returncode == 0 and "run already complete at step 4" in out.stderr, out.stderr
         assert snapshot(tmp_path / "run") == before
 
@@ -531,14 +640,20 @@ def test_table_covers_every_stage():
 def test_debug_shows_the_traceback(tmp_path):
     out = run_script("pretrain.py", *SMOKE, f"--run.out_dir={tmp_path / 'run'}", "--train.batch_size=0", "--debug")
     assert out.returncode == 2
-    assert "Traceback (most recent call last)" in out.stderr and "dist_gpt.errors.UserError: train.batch_size must be >= 1, got 0" in out.stderr
+    assert (
+        "Traceback (most recent call last)" in out.stderr
+        and "dist_gpt.errors.UserError: train.batch_size must be >= 1, got 0" in out.stderr
+    )
     assert out.stderr.strip().splitlines()[-1] == "error: train.batch_size must be >= 1, got 0"
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EFBIG])
 def test_every_full_disk_errno_reads_as_disk_full(code):
     message = str(disk_error(Path("/runs/x/model.safetensors"), OSError(code, os.strerror(code))))
-    assert message == "disk full while writing /runs/x/model.safetensors: free space on that filesystem or point the output elsewhere"
+    assert (
+        message
+        == "disk full while writing /runs/x/model.safetensors: free space on that filesystem or point the output elsewhere"
+    )
 
 
 # A full disk while appending to metrics.jsonl (the log written at every log step): `open(..., "a")` of that file
@@ -561,10 +676,21 @@ main(pretrain, sys.argv[1:])
 
 
 def test_disk_full_while_appending_metrics_is_one_line_and_keeps_the_checkpoint(tmp_path, shakespeare):
-    args = [*SMOKE, f"--data.source={shakespeare}", f"--data.dir={tmp_path / 'data'}", f"--run.out_dir={tmp_path / 'run'}", "--train.checkpoint_interval=4"]
+    args = [
+        *SMOKE,
+        f"--data.source={shakespeare}",
+        f"--data.dir={tmp_path / 'data'}",
+        f"--run.out_dir={tmp_path / 'run'}",
+        "--train.checkpoint_interval=4",
+    ]
     out = subprocess.run([sys.executable, "-c", FULL_METRICS, *args], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    assert out.stderr.strip().splitlines()[-1] == f"error: disk full while writing {tmp_path / 'run' / 'metrics.jsonl'}: free space on that filesystem or point the output elsewhere"
-    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_000004"]  # the last good checkpoint stays
+    assert (
+        out.stderr.strip().splitlines()[-1]
+        == f"error: disk full while writing {tmp_path / 'run' / 'metrics.jsonl'}: free space on that filesystem or point the output elsewhere"
+    )
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [
+        "step_000004"
+    ]  # the last good checkpoint stays
     again = run_script("pretrain.py", *args)  # space freed: the same command resumes from it and finishes
     assert again.returncode == 0 and "step_000004" in again.stderr, again.stderr

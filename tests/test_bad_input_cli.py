@@ -27,7 +27,9 @@ ITEM = {"ctx": "A man opens the door.", "endings": ["he walks in.", "he sings.",
 class Row:
     id: str
     script: str
-    args: list[str]  # formatted with: {tmp} (this row's folder), {run} and {export} (the good ones), {out} (a copy to break), ...
+    args: list[
+        str
+    ]  # formatted with: {tmp} (this row's folder), {run} and {export} (the good ones), {out} (a copy to break), ...
     expect: str | tuple[str, ...]  # parts of the one-line message (formatted too)
     setup: Callable[[dict], None] | None = None
     check: Callable[[dict], None] | None = None  # what must (not) be on disk afterwards
@@ -102,13 +104,19 @@ def digest(folder: Path) -> dict[str, str]:
     """SHA-256 of every file under folder (or of the file itself), by relative path."""
     if folder.is_file():
         return {"": hashlib.sha256(folder.read_bytes()).hexdigest()}
-    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.rglob("*")) if f.is_file()}
+    return {
+        str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(folder.rglob("*"))
+        if f.is_file()
+    }
 
 
 def export_written_anyway(p: dict) -> None:
     """Offline push: the export is complete (the error says so) and identical to the good one but for its marker."""
     new, good = digest(p["tmp"] / "hf"), digest(p["export"])
-    assert {k: v for k, v in new.items() if k != ".dist_gpt_export"} == {k: v for k, v in good.items() if k != ".dist_gpt_export"}
+    assert {k: v for k, v in new.items() if k != ".dist_gpt_export"} == {
+        k: v for k, v in good.items() if k != ".dist_gpt_export"
+    }
 
 
 def nothing_beside(p: dict) -> None:
@@ -162,14 +170,37 @@ ROWS = [
         "config file {tmp}/latin1.yaml is not UTF-8 text (byte offset 27); save it as UTF-8",
         write("latin1.yaml", "train:\n  sample_prompt: caf\xe9\n".encode("latin-1")),
     ),
-    Row("config: a directory", "pretrain.py", [*PRETRAIN, "--config", "{tmp}"], "config file {tmp} is a directory; pass a YAML file"),
-    Row("config: --config without a file", "pretrain.py", [*SMOKE, "--config"], "--config needs a file: --config configs/NAME.yaml"),
     Row(
-        "config: seed 1e20", "pretrain.py", [*PRETRAIN, "--run.seed=1e20"], "run.seed=100000000000000000000 is out of range: at most 9,223,372,036,854,775,807"
+        "config: a directory",
+        "pretrain.py",
+        [*PRETRAIN, "--config", "{tmp}"],
+        "config file {tmp} is a directory; pass a YAML file",
     ),
-    Row("config: negative seed", "pretrain.py", [*PRETRAIN, "--run.seed=-1"], "run.seed must be in [0, 2**63 - 1], got -1"),
+    Row(
+        "config: --config without a file",
+        "pretrain.py",
+        [*SMOKE, "--config"],
+        "--config needs a file: --config configs/NAME.yaml",
+    ),
+    Row(
+        "config: seed 1e20",
+        "pretrain.py",
+        [*PRETRAIN, "--run.seed=1e20"],
+        "run.seed=100000000000000000000 is out of range: at most 9,223,372,036,854,775,807",
+    ),
+    Row(
+        "config: negative seed",
+        "pretrain.py",
+        [*PRETRAIN, "--run.seed=-1"],
+        "run.seed must be in [0, 2**63 - 1], got -1",
+    ),
     Row("config: lr nan", "pretrain.py", [*PRETRAIN, "--train.lr=nan"], "train.lr must be a finite number, got nan"),
-    Row("config: time budget inf", "pretrain.py", [*PRETRAIN, "--train.time_budget_s=inf"], "train.time_budget_s must be a finite number, got inf"),
+    Row(
+        "config: time budget inf",
+        "pretrain.py",
+        [*PRETRAIN, "--train.time_budget_s=inf"],
+        "train.time_budget_s must be a finite number, got inf",
+    ),
     Row(
         "config: n_embd 1e30",
         "pretrain.py",
@@ -179,7 +210,13 @@ ROWS = [
     Row(
         "config: lora_alpha 0",
         "finetune.py",
-        [*SMOKE, "--finetune.init_from={run}", "--finetune.lora_rank=4", "--finetune.lora_alpha=0", "--run.out_dir={tmp}/ft"],
+        [
+            *SMOKE,
+            "--finetune.init_from={run}",
+            "--finetune.lora_rank=4",
+            "--finetune.lora_alpha=0",
+            "--run.out_dir={tmp}/ft",
+        ],
         "finetune.lora_alpha must be > 0 with LoRA (scale = alpha / rank; 0 trains nothing), got 0.0",
     ),
     Row(
@@ -188,12 +225,30 @@ ROWS = [
         [*SMOKE, "--data.name=."],
         "data.name must be a plain folder name (no '/', '\\', leading '.', or spaces at the ends), got '.'",
     ),
-    Row("config: data.name with ..", "pretrain.py", [*PRETRAIN, "--data.name=../runs"], "data.name must be a plain folder name"),
     Row(
-        "config: out_dir with an empty part", "pretrain.py", [*PRETRAIN, "--run.out_dir=runs//x"], "run.out_dir has an empty or blank path component: 'runs//x'"
+        "config: data.name with ..",
+        "pretrain.py",
+        [*PRETRAIN, "--data.name=../runs"],
+        "data.name must be a plain folder name",
     ),
-    Row("config: out_dir the working directory", "pretrain.py", [*PRETRAIN, "--run.out_dir=."], "run.out_dir must name a run's own folder, not '.'"),
-    Row("config: out_dir the home folder", "pretrain.py", [*PRETRAIN, "--run.out_dir=~"], "run.out_dir must name a run's own folder, not '{home}'"),
+    Row(
+        "config: out_dir with an empty part",
+        "pretrain.py",
+        [*PRETRAIN, "--run.out_dir=runs//x"],
+        "run.out_dir has an empty or blank path component: 'runs//x'",
+    ),
+    Row(
+        "config: out_dir the working directory",
+        "pretrain.py",
+        [*PRETRAIN, "--run.out_dir=."],
+        "run.out_dir must name a run's own folder, not '.'",
+    ),
+    Row(
+        "config: out_dir the home folder",
+        "pretrain.py",
+        [*PRETRAIN, "--run.out_dir=~"],
+        "run.out_dir must name a run's own folder, not '{home}'",
+    ),
     Row(
         "config: a long value is clipped",
         "pretrain.py",
@@ -202,11 +257,24 @@ ROWS = [
     ),
     # sample
     Row(
-        "sample: temperature that underflows", "sample.py", [*SAMPLE, "--temperature", "1e-300"], "--temperature must be 0 (greedy) or a finite number >= 1e-06"
+        "sample: temperature that underflows",
+        "sample.py",
+        [*SAMPLE, "--temperature", "1e-300"],
+        "--temperature must be 0 (greedy) or a finite number >= 1e-06",
     ),
-    Row("sample: seed 2**70", "sample.py", [*SAMPLE, "--seed", str(2**70)], f"--seed must be in [0, 2**63 - 1], got {2**70}"),
+    Row(
+        "sample: seed 2**70",
+        "sample.py",
+        [*SAMPLE, "--seed", str(2**70)],
+        f"--seed must be in [0, 2**63 - 1], got {2**70}",
+    ),
     Row("sample: negative seed", "sample.py", [*SAMPLE, "--seed", "-3"], "--seed must be in [0, 2**63 - 1], got -3"),
-    Row("sample: device meta", "sample.py", [*SAMPLE, "--device", "meta"], "--device 'meta' is not supported: use cpu, cuda, cuda:N or mps"),
+    Row(
+        "sample: device meta",
+        "sample.py",
+        [*SAMPLE, "--device", "meta"],
+        "--device 'meta' is not supported: use cpu, cuda, cuda:N or mps",
+    ),
     Row("sample: device xla", "sample.py", [*SAMPLE, "--device", "xla"], "--device 'xla' is not supported"),
     Row("sample: device cuda:7", "sample.py", [*SAMPLE, "--device", "cuda:7"], "--device 'cuda:7': "),
     Row(
@@ -215,15 +283,47 @@ ROWS = [
         [*SAMPLE, "--max_new_tokens", str(10**12)],
         "--max_new_tokens must be in [0, 1,000,000], got 1000000000000",
     ),
-    Row("sample: num_samples 10**9", "sample.py", [*SAMPLE, "--num_samples", str(10**9)], "--num_samples must be in [1, 1024]"),
-    Row("sample: top_p nan", "sample.py", [*SAMPLE, "--top_p", "nan"], "--top_p must be in (0, 1], got nan"),
-    Row("sample: run is a file", "sample.py", ["--run", "{tmp}/f.txt", "--prompt", "a"], "run directory not found: {tmp}/f.txt", write("f.txt", "x")),
-    Row("sample: empty run directory", "sample.py", ["--run", "{tmp}", "--prompt", "a"], "{tmp} is not a run directory: config.yaml is missing"),
-    Row("sample: config.yaml empty", "sample.py", ["--run", "{out}", "--prompt", "a"], ("saved config {out}/config.yaml is empty", "must hold the config it was trained with"), config_yaml("")),
     Row(
-        "sample: config.yaml a list", "sample.py", ["--run", "{out}", "--prompt", "a"], "saved config {out}/config.yaml must hold a mapping of sections", config_yaml("[1, 2]\n")
+        "sample: num_samples 10**9",
+        "sample.py",
+        [*SAMPLE, "--num_samples", str(10**9)],
+        "--num_samples must be in [1, 1024]",
     ),
-    Row("sample: config.yaml not YAML", "sample.py", ["--run", "{out}", "--prompt", "a"], "saved config {out}/config.yaml is not valid YAML", config_yaml("model: [1\n")),
+    Row("sample: top_p nan", "sample.py", [*SAMPLE, "--top_p", "nan"], "--top_p must be in (0, 1], got nan"),
+    Row(
+        "sample: run is a file",
+        "sample.py",
+        ["--run", "{tmp}/f.txt", "--prompt", "a"],
+        "run directory not found: {tmp}/f.txt",
+        write("f.txt", "x"),
+    ),
+    Row(
+        "sample: empty run directory",
+        "sample.py",
+        ["--run", "{tmp}", "--prompt", "a"],
+        "{tmp} is not a run directory: config.yaml is missing",
+    ),
+    Row(
+        "sample: config.yaml empty",
+        "sample.py",
+        ["--run", "{out}", "--prompt", "a"],
+        ("saved config {out}/config.yaml is empty", "must hold the config it was trained with"),
+        config_yaml(""),
+    ),
+    Row(
+        "sample: config.yaml a list",
+        "sample.py",
+        ["--run", "{out}", "--prompt", "a"],
+        "saved config {out}/config.yaml must hold a mapping of sections",
+        config_yaml("[1, 2]\n"),
+    ),
+    Row(
+        "sample: config.yaml not YAML",
+        "sample.py",
+        ["--run", "{out}", "--prompt", "a"],
+        "saved config {out}/config.yaml is not valid YAML",
+        config_yaml("model: [1\n"),
+    ),
     Row(
         "sample: config.yaml section a number",
         "sample.py",
@@ -273,8 +373,18 @@ ROWS = [
         "and 480 more; leave them out",
     ),
     # evaluate
-    Row("evaluate: batch_size 10**9", "evaluate.py", ["--run", "{run}", "--batch_size", str(10**9)], "--batch_size must be in [1, 4096], got 1000000000"),
-    Row("evaluate: device mps", "evaluate.py", ["--run", "{run}", "--device", "mps"], "--device 'mps': no Apple GPU (MPS) is available here"),
+    Row(
+        "evaluate: batch_size 10**9",
+        "evaluate.py",
+        ["--run", "{run}", "--batch_size", str(10**9)],
+        "--batch_size must be in [1, 4096], got 1000000000",
+    ),
+    Row(
+        "evaluate: device mps",
+        "evaluate.py",
+        ["--run", "{run}", "--device", "mps"],
+        "--device 'mps': no Apple GPU (MPS) is available here",
+    ),
     Row(
         "evaluate: truncated model.safetensors",
         "evaluate.py",
@@ -310,7 +420,13 @@ ROWS = [
         "'endings' must be a list of at least two strings",
         write("h.jsonl", json.dumps({**ITEM, "endings": "x"})),
     ),
-    Row("evaluate: hellaswag empty file", "evaluate.py", [*HELLASWAG, "--data", "{tmp}/h.jsonl"], "{tmp}/h.jsonl holds no items", write("h.jsonl", "\n\n")),
+    Row(
+        "evaluate: hellaswag empty file",
+        "evaluate.py",
+        [*HELLASWAG, "--data", "{tmp}/h.jsonl"],
+        "{tmp}/h.jsonl holds no items",
+        write("h.jsonl", "\n\n"),
+    ),
     Row(
         "evaluate: hellaswag not UTF-8",
         "evaluate.py",
@@ -339,8 +455,18 @@ ROWS = [
         "--data FILE.jsonl is the HellaSwag file: add --task hellaswag",
     ),
     # export
-    Row("export: into the run itself", "export_hf.py", [*EXPORT, "{run}"], "--out '{run}' is the run being exported or a folder above it"),
-    Row("export: into a folder above the run", "export_hf.py", [*EXPORT, "{world}"], "--out '{world}' is the run being exported or a folder above it"),
+    Row(
+        "export: into the run itself",
+        "export_hf.py",
+        [*EXPORT, "{run}"],
+        "--out '{run}' is the run being exported or a folder above it",
+    ),
+    Row(
+        "export: into a folder above the run",
+        "export_hf.py",
+        [*EXPORT, "{world}"],
+        "--out '{world}' is the run being exported or a folder above it",
+    ),
     Row(
         "export: into another run",
         "export_hf.py",
@@ -349,7 +475,12 @@ ROWS = [
         copy_run(lambda o: None),
         check=lambda p: assert_same(p["out"], p["run"]),
     ),
-    Row("export: into the repository", "export_hf.py", [*EXPORT, str(REPO)], f"--out '{REPO}' is the repository or a folder above it"),
+    Row(
+        "export: into the repository",
+        "export_hf.py",
+        [*EXPORT, str(REPO)],
+        f"--out '{REPO}' is the repository or a folder above it",
+    ),
     Row(
         "export: --overwrite on a folder no export wrote",
         "export_hf.py",
@@ -366,7 +497,14 @@ ROWS = [
         lambda p: shutil.copytree(p["export"], p["tmp"] / "hf"),
         check=unchanged("hf"),
     ),
-    Row("export: --out a file", "export_hf.py", [*EXPORT, "{tmp}/f.txt"], "--out '{tmp}/f.txt' is a file", write("f.txt", "x"), check=unchanged("f.txt")),
+    Row(
+        "export: --out a file",
+        "export_hf.py",
+        [*EXPORT, "{tmp}/f.txt"],
+        "--out '{tmp}/f.txt' is a file",
+        write("f.txt", "x"),
+        check=unchanged("f.txt"),
+    ),
     Row(
         "export: bad Hub repository id",
         "export_hf.py",
@@ -378,7 +516,10 @@ ROWS = [
         "export: push offline",
         "export_hf.py",
         [*EXPORT, "{tmp}/hf", "--push_to_hub", "someone/tiny"],
-        ("--push_to_hub someone/tiny needs the network, and HF_HUB_OFFLINE is set", "the export is complete in {tmp}/hf"),
+        (
+            "--push_to_hub someone/tiny needs the network, and HF_HUB_OFFLINE is set",
+            "the export is complete in {tmp}/hf",
+        ),
         check=export_written_anyway,
     ),
     Row(
@@ -399,9 +540,26 @@ ROWS = [
         write("metrics.jsonl", b'[1, 2]\n3\n{"step": "a", "tokens": 1, "train_loss": 2}\n\xff\xfe\n{"step": 1, "tok'),
         check=lambda p: assert_absent(p["tmp"] / "x.png"),
     ),
-    Row("plot: --out not a png", "plot.py", ["{run}", "--out", "{tmp}/x.jpg"], "--out must name a .png file, got '{tmp}/x.jpg'"),
-    Row("plot: --out a folder", "plot.py", ["{run}", "--out", "{tmp}/d.png"], "--out '{tmp}/d.png' is a folder", lambda p: (p["tmp"] / "d.png").mkdir()),
-    Row("plot: a run that is a file", "plot.py", ["{tmp}/f.txt", "--out", "{tmp}/x.png"], "{tmp}/f.txt is a file, not a run directory", write("f.txt", "x")),
+    Row(
+        "plot: --out not a png",
+        "plot.py",
+        ["{run}", "--out", "{tmp}/x.jpg"],
+        "--out must name a .png file, got '{tmp}/x.jpg'",
+    ),
+    Row(
+        "plot: --out a folder",
+        "plot.py",
+        ["{run}", "--out", "{tmp}/d.png"],
+        "--out '{tmp}/d.png' is a folder",
+        lambda p: (p["tmp"] / "d.png").mkdir(),
+    ),
+    Row(
+        "plot: a run that is a file",
+        "plot.py",
+        ["{tmp}/f.txt", "--out", "{tmp}/x.png"],
+        "{tmp}/f.txt is a file, not a run directory",
+        write("f.txt", "x"),
+    ),
 ]
 
 
@@ -444,7 +602,9 @@ def test_bad_input(row: Row, world: dict, tmp_path: Path):
     paths["before"] = {p.name: digest(p) for p in tmp_path.iterdir()}
     good_before = {name: digest(world[name]) for name in ("run", "export")}
 
-    out = run_script(row.script, *(a.format(**paths) for a in row.args), cwd=tmp_path if row.in_tmp else None, timeout=300)
+    out = run_script(
+        row.script, *(a.format(**paths) for a in row.args), cwd=tmp_path if row.in_tmp else None, timeout=300
+    )
 
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr
@@ -460,14 +620,43 @@ def test_bad_input(row: Row, world: dict, tmp_path: Path):
 
 def test_table_covers_every_command():
     assert len(ROWS) >= 30
-    assert {r.script for r in ROWS} >= {"pretrain.py", "prepare.py", "finetune.py", "sample.py", "evaluate.py", "export_hf.py", "plot.py"}
+    assert {r.script for r in ROWS} >= {
+        "pretrain.py",
+        "prepare.py",
+        "finetune.py",
+        "sample.py",
+        "evaluate.py",
+        "export_hf.py",
+        "plot.py",
+    }
 
 
 def test_a_valid_run_still_samples(world):
     """The checks refuse only what is wrong: the good run samples and evaluates on the fixture."""
-    sampled = run_script("sample.py", "--run", str(world["run"]), "--prompt", "ROMEO:", "--max_new_tokens", "8", "--temperature", "1e-6", "--top_k", "100000")
+    sampled = run_script(
+        "sample.py",
+        "--run",
+        str(world["run"]),
+        "--prompt",
+        "ROMEO:",
+        "--max_new_tokens",
+        "8",
+        "--temperature",
+        "1e-6",
+        "--top_k",
+        "100000",
+    )
     assert sampled.returncode == 0, sampled.stderr
     assert sampled.stdout.startswith("ROMEO:") and len(sampled.stdout) == len("ROMEO:") + 8 + 1
-    scored = run_script("evaluate.py", "--run", str(world["run"]), "--task", "hellaswag", "--data", str(REPO / "tests/fixtures/hellaswag_tiny.jsonl"), "--json")
+    scored = run_script(
+        "evaluate.py",
+        "--run",
+        str(world["run"]),
+        "--task",
+        "hellaswag",
+        "--data",
+        str(REPO / "tests/fixtures/hellaswag_tiny.jsonl"),
+        "--json",
+    )
     assert scored.returncode == 0, scored.stderr
     assert json.loads(scored.stdout)["items"] == 10

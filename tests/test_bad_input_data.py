@@ -45,7 +45,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def hashes(folder: Path) -> dict[str, str]:
     """SHA-256 of every file under `folder` but `.lock` (the lock file holds the PID of the last prepare)."""
-    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(folder)): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 @pytest.fixture
@@ -56,8 +60,12 @@ def good(tmp_path) -> tuple[Path, dict[str, str]]:
     return out, hashes(out)
 
 
-def prepare_cmd(tmp_path: Path, *args: str, env: dict | None = None, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    return run_script("prepare.py", *SMOKE, *args, cwd=tmp_path, env={**ENV, **(env or {})}, timeout=180, launcher=launcher)
+def prepare_cmd(
+    tmp_path: Path, *args: str, env: dict | None = None, launcher: list[str] | None = None
+) -> subprocess.CompletedProcess:
+    return run_script(
+        "prepare.py", *SMOKE, *args, cwd=tmp_path, env={**ENV, **(env or {})}, timeout=180, launcher=launcher
+    )
 
 
 def prepare_here(capsys, *args: str) -> tuple[int, str, str]:
@@ -87,15 +95,21 @@ def assert_one_error(code: int, stderr: str, *needles: str) -> str:
 def assert_untouched(good: tuple[Path, dict[str, str]]) -> None:
     folder, before = good
     assert hashes(folder) == before
-    assert not [p.name for p in folder.iterdir() if p.name.startswith(".") and p.name != ".lock"]  # no temporary files left
+    assert not [
+        p.name for p in folder.iterdir() if p.name.startswith(".") and p.name != ".lock"
+    ]  # no temporary files left
 
 
 def mount_tmpfs(folder: Path, *options: str) -> None:
     """A small tmpfs at `folder` (needs root and a kernel that lets this container mount); skips the test otherwise."""
     folder.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(folder)], capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(folder)], capture_output=True, text=True
+    )
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or result.returncode}); the monkeypatched cases cover the logic")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({result.stderr.strip() or result.returncode}); the monkeypatched cases cover the logic"
+        )
 
 
 @pytest.fixture
@@ -114,8 +128,12 @@ def test_recipe_is_a_plain_name_inside_data(name, tmp_path, good):
     marker = tmp_path / "ran"
     evil.write_text(f"open({str(marker)!r}, 'w').close()\ndef records(text):\n    return [{{'text': text}}]\n")
     recipe = {"ESCAPE": os.path.relpath(tmp_path / "evil", RECIPES), "ABSOLUTE": str(evil)}.get(name, name)
-    result = prepare_cmd(tmp_path, f"--data.source={tmp_path / 'good.txt'}", f"--data.dir={good[0]}", f"--data.recipe={recipe}")
-    assert_one_error(result.returncode, result.stderr, f"data.recipe {recipe!r} is not a recipe", "gutenberg, sonnets_sft")
+    result = prepare_cmd(
+        tmp_path, f"--data.source={tmp_path / 'good.txt'}", f"--data.dir={good[0]}", f"--data.recipe={recipe}"
+    )
+    assert_one_error(
+        result.returncode, result.stderr, f"data.recipe {recipe!r} is not a recipe", "gutenberg, sonnets_sft"
+    )
     assert not marker.exists()  # the file was never run
     assert_untouched(good)
 
@@ -127,7 +145,13 @@ def test_a_second_prepare_waits_for_the_lock_then_finds_the_data_up_to_date(tmp_
     folder = good[0]
     with FileLock(folder / ".lock", "test") as lock:  # this test process plays the first prepare
         proc = subprocess.Popen(
-            [sys.executable, str(REPO / "launch" / "prepare.py"), *SMOKE, f"--data.source={tmp_path / 'good.txt'}", f"--data.dir={folder}"],
+            [
+                sys.executable,
+                str(REPO / "launch" / "prepare.py"),
+                *SMOKE,
+                f"--data.source={tmp_path / 'good.txt'}",
+                f"--data.dir={folder}",
+            ],
             cwd=tmp_path,
             env={**os.environ, **ENV},
             stdout=subprocess.PIPE,
@@ -146,8 +170,19 @@ def test_a_second_prepare_waits_for_the_lock_then_finds_the_data_up_to_date(tmp_
 
 
 def test_two_prepares_of_one_new_folder_build_it_once(tmp_path, shakespeare):
-    args = [sys.executable, str(REPO / "launch" / "prepare.py"), *SMOKE, f"--data.source={shakespeare}", f"--data.dir={tmp_path / 'data'}"]
-    procs = [subprocess.Popen(args, cwd=tmp_path, env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    args = [
+        sys.executable,
+        str(REPO / "launch" / "prepare.py"),
+        *SMOKE,
+        f"--data.source={shakespeare}",
+        f"--data.dir={tmp_path / 'data'}",
+    ]
+    procs = [
+        subprocess.Popen(
+            args, cwd=tmp_path, env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     stdouts = [o for o, _ in outs]
@@ -158,7 +193,12 @@ def test_two_prepares_of_one_new_folder_build_it_once(tmp_path, shakespeare):
 def test_file_lock_without_waiting_names_the_holder(tmp_path):
     with FileLock(tmp_path / ".lock", "prepare of X"):
         code = "from dist_gpt.io import FileLock; import sys; FileLock(sys.argv[1], 'prepare of X').acquire(wait=False)"
-        result = subprocess.run([sys.executable, "-c", code, str(tmp_path / ".lock")], env={**os.environ, **ENV}, capture_output=True, text=True)
+        result = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / ".lock")],
+            env={**os.environ, **ENV},
+            capture_output=True,
+            text=True,
+        )
         assert result.returncode != 0 and f"another prepare of X is running (PID {os.getpid()})" in result.stderr
     FileLock(tmp_path / ".lock", "prepare of X").acquire(wait=False).release()  # free again once released
 
@@ -227,7 +267,9 @@ def test_a_read_only_filesystem_still_reads_and_refuses_to_build(tmp_path, tmpfs
     for name in ("with_lock", "without_lock"):
         code, out, err = prepare_here(capsys, f"--data.source={source}", f"--data.dir={tmpfs / name}")
         assert code == 0 and "is up to date" in out, err
-        code, _, err = prepare_here(capsys, f"--data.source={source}", f"--data.dir={tmpfs / name}", "--data.val_fraction=0.2")
+        code, _, err = prepare_here(
+            capsys, f"--data.source={source}", f"--data.dir={tmpfs / name}", "--data.val_fraction=0.2"
+        )
         assert_one_error(code, err, "the filesystem is read-only", str(tmpfs / name))
     result = prepare_cmd(tmp_path, f"--data.source={source}", f"--data.dir={tmpfs / 'new'}")
     assert_one_error(result.returncode, result.stderr, "the filesystem is read-only")
@@ -304,7 +346,9 @@ def test_a_source_file_changing_between_scan_and_load(tmp_path, good, capsys, mo
 
 def test_a_data_dir_that_is_a_file(tmp_path):
     (tmp_path / "notadir").write_text("precious")
-    result = prepare_cmd(tmp_path, f"--data.source={write_corpus(tmp_path / 'c.txt')}", f"--data.dir={tmp_path / 'notadir'}")
+    result = prepare_cmd(
+        tmp_path, f"--data.source={write_corpus(tmp_path / 'c.txt')}", f"--data.dir={tmp_path / 'notadir'}"
+    )
     assert_one_error(result.returncode, result.stderr, f"data.dir {tmp_path / 'notadir'} is a file, not a folder")
     assert (tmp_path / "notadir").read_text() == "precious"
 
@@ -317,7 +361,9 @@ def test_a_directory_of_nothing_readable(tmp_path, good):
     result = prepare_cmd(tmp_path, f"--data.source={folder}", f"--data.dir={good[0]}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == [f"error: data.source: {folder} holds no files to read (names starting with '.' and broken links are skipped)"]
+    assert errors == [
+        f"error: data.source: {folder} holds no files to read (names starting with '.' and broken links are skipped)"
+    ]
     assert f"skipping 1 links to files that do not exist: {folder / 'dangling.txt'}" in result.stdout
     assert_untouched(good)
 
@@ -328,9 +374,15 @@ def test_a_directory_of_nothing_readable(tmp_path, good):
 def test_records_without_the_text_field_are_counted_and_reported(tmp_path):
     rows = [{"text": f"record {i}: " + "to be or not to be " * 3} for i in range(30)]
     rows[4], rows[9], rows[20] = {"body": "no text field"}, {"text": None}, {"other": 1}
-    result = prepare_cmd(tmp_path, f"--data.source={write_jsonl(tmp_path / 'r.jsonl', rows)}", f"--data.dir={tmp_path / 'out'}")
+    result = prepare_cmd(
+        tmp_path, f"--data.source={write_jsonl(tmp_path / 'r.jsonl', rows)}", f"--data.dir={tmp_path / 'out'}"
+    )
     assert result.returncode == 0, result.stderr
-    assert "warning: 3 of 30 records of" in result.stdout and "have no 'text' (or null)" in result.stdout and "(the first is record 5)" in result.stdout
+    assert (
+        "warning: 3 of 30 records of" in result.stdout
+        and "have no 'text' (or null)" in result.stdout
+        and "(the first is record 5)" in result.stdout
+    )
     assert "; 3 records without text" in result.stdout
     meta = load_meta(tmp_path / "out")
     assert meta["records_without_text"] == 3 and meta["empty_documents"] == 0
@@ -341,7 +393,9 @@ def test_records_without_the_text_field_are_counted_and_reported(tmp_path):
 def test_records_that_all_lack_the_text_field(rows, tmp_path, good):
     source = write_jsonl(tmp_path / "r.jsonl", rows)
     result = prepare_cmd(tmp_path, f"--data.source={source}", f"--data.dir={good[0]}")
-    assert_one_error(result.returncode, result.stderr, f"{source} has no field 'text' (fields: body): set data.text_field")
+    assert_one_error(
+        result.returncode, result.stderr, f"{source} has no field 'text' (fields: body): set data.text_field"
+    )
     assert_untouched(good)
 
 
@@ -360,7 +414,12 @@ def test_records_that_all_lack_the_text_field(rows, tmp_path, good):
 def test_a_text_field_of_the_wrong_type(values, what, tmp_path, good):
     source = write_jsonl(tmp_path / "r.jsonl", [{"text": v} for v in values])
     result = prepare_cmd(tmp_path, f"--data.source={source}", f"--data.dir={good[0]}")
-    assert_one_error(result.returncode, result.stderr, f"{source}: field 'text' holds {what}", "not text: every record's 'text' must be a string")
+    assert_one_error(
+        result.returncode,
+        result.stderr,
+        f"{source}: field 'text' holds {what}",
+        "not text: every record's 'text' must be a string",
+    )
     assert_untouched(good)
 
 
@@ -376,7 +435,9 @@ def test_a_parquet_text_column_of_the_wrong_type(tmp_path, good):
 
 def test_empty_documents_are_counted_in_the_summary_and_meta(tmp_path):
     rows = [{"text": "" if i % 5 == 0 else f"record {i}: all the world's a stage\n"} for i in range(40)]
-    jsonl = prepare_cmd(tmp_path, f"--data.source={write_jsonl(tmp_path / 'r.jsonl', rows)}", f"--data.dir={tmp_path / 'j'}")
+    jsonl = prepare_cmd(
+        tmp_path, f"--data.source={write_jsonl(tmp_path / 'r.jsonl', rows)}", f"--data.dir={tmp_path / 'j'}"
+    )
     assert jsonl.returncode == 0 and "; 8 empty documents" in jsonl.stdout, jsonl.stderr
     meta = load_meta(tmp_path / "j")
     assert meta["empty_documents"] == 8 and meta["documents"]["val"] == 3  # chosen among the 32 documents with text
@@ -406,7 +467,9 @@ def test_a_symlink_loop_is_walked_once(tmp_path):
         assert len(meta["source"]["files"]) == 5 and meta["documents"] == {"train": 4, "val": 1}
         tok = load_tokenizer(out / "tokenizer.json")
         val, train = tok.decode(open_split(out, "val").tokens), tok.decode(open_split(out, "train").tokens)
-        assert sum(meta["tokens"].values()) == 5 * 40 * 111 and val not in train  # each document once: no copy leaks into val
+        assert (
+            sum(meta["tokens"].values()) == 5 * 40 * 111 and val not in train
+        )  # each document once: no copy leaks into val
 
 
 @pytest.mark.parametrize("how", ["symlink", "hardlink", "glob-and-dir", "comma"])
@@ -423,7 +486,10 @@ def test_a_file_reached_twice_is_read_once(how, tmp_path):
     elif how == "glob-and-dir":
         spec, twice = f"{corpus}/*.txt,{corpus}", str(corpus / "a.txt")
     else:
-        spec, twice = f"{corpus / 'a.txt'},{corpus / 'b.txt'},{corpus / 'a.txt'},{corpus / 'c.txt'}", str(corpus / "a.txt")
+        spec, twice = (
+            f"{corpus / 'a.txt'},{corpus / 'b.txt'},{corpus / 'a.txt'},{corpus / 'c.txt'}",
+            str(corpus / "a.txt"),
+        )
     result = prepare_cmd(tmp_path, f"--data.source={spec}", f"--data.dir={tmp_path / 'out'}")
     assert result.returncode == 0, result.stderr
     assert "warning: data.source reaches" in result.stdout and twice in result.stdout
@@ -435,7 +501,9 @@ def test_a_file_reached_twice_is_read_once(how, tmp_path):
 def test_a_utf8_bom_is_dropped_and_recorded(tmp_path):
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + LINE.encode() * 40)
     write_corpus(tmp_path / "plain.txt")
-    result = prepare_cmd(tmp_path, f"--data.source={tmp_path / 'bom.txt'},{tmp_path / 'plain.txt'}", f"--data.dir={tmp_path / 'out'}")
+    result = prepare_cmd(
+        tmp_path, f"--data.source={tmp_path / 'bom.txt'},{tmp_path / 'plain.txt'}", f"--data.dir={tmp_path / 'out'}"
+    )
     assert result.returncode == 0, result.stderr
     assert "dropping the UTF-8 byte order mark at the start of 1 file(s)" in result.stdout
     assert "\ufeff" not in load_tokenizer(tmp_path / "out" / "tokenizer.json").chars

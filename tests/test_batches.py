@@ -71,7 +71,9 @@ def test_loader_is_reproducible_and_ranks_differ(train_split):
 def test_one_global_stream_8_eq_4_plus_4_eq_2x4(train_split, mode):
     one = take(BatchLoader(train_split, 16, 8, seed=3, mode=mode), 1)[0]
     halves = torch.cat(take(BatchLoader(train_split, 16, 4, seed=3, mode=mode), 2))
-    ranks = torch.cat([take(BatchLoader(train_split, 16, 4, seed=3, rank=r, world_size=2, mode=mode), 1)[0] for r in range(2)])
+    ranks = torch.cat(
+        [take(BatchLoader(train_split, 16, 4, seed=3, rank=r, world_size=2, mode=mode), 1)[0] for r in range(2)]
+    )
     assert torch.equal(one, halves) and torch.equal(one, ranks)
 
 
@@ -112,7 +114,9 @@ def test_eval_batches_are_fixed_and_independent_of_world_size(train_split):
     assert len(by_rank[0]) == 3 and len(by_rank[1]) == 2
     for b, (x, _) in enumerate(one):
         assert torch.equal(by_rank[b % 2][b // 2][0], x)
-    assert not torch.equal(one[0][0], BatchLoader(train_split, 16, 4, seed=1).next_batch()[0])  # not the training stream
+    assert not torch.equal(
+        one[0][0], BatchLoader(train_split, 16, 4, seed=1).next_batch()[0]
+    )  # not the training stream
 
 
 def test_a_split_shorter_than_a_block_is_one_error(tmp_path):

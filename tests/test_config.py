@@ -17,7 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_defaults_yaml_then_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text(yaml.safe_dump({"model": {"n_layer": 3, "n_embd": 64, "n_head": 4}, "train": {"lr": 0.01}}))
-    cfg = load_config(str(f), ["--train.lr=3e-4", "--model.dropout", "0.1", "--log.wandb=false", "--train.compile=true"], "pretrain")
+    cfg = load_config(
+        str(f), ["--train.lr=3e-4", "--model.dropout", "0.1", "--log.wandb=false", "--train.compile=true"], "pretrain"
+    )
     assert cfg.model.n_layer == 3 and cfg.model.n_embd == 64  # from YAML
     assert cfg.train.lr == pytest.approx(3e-4)  # the command line wins
     assert cfg.model.dropout == pytest.approx(0.1)

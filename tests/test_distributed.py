@@ -47,9 +47,13 @@ def fsdp_worker(out: Path) -> None:
     opt, ref_opt = (torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1) for m in (model, reference))
     batches = torch.Generator().manual_seed(1)
     for _ in range(STEPS):
-        seq = torch.randint(0, CFG.vocab_size, (world * MICRO, CFG.block_size + 1), generator=batches)  # the same global batch everywhere
+        seq = torch.randint(
+            0, CFG.vocab_size, (world * MICRO, CFG.block_size + 1), generator=batches
+        )  # the same global batch everywhere
         x, y = seq[:, :-1], seq[:, 1:]
-        _, loss = model(x.chunk(world)[rank], y.chunk(world)[rank])  # this rank's micro-batch; FSDP averages the gradients
+        _, loss = model(
+            x.chunk(world)[rank], y.chunk(world)[rank]
+        )  # this rank's micro-batch; FSDP averages the gradients
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -57,7 +61,9 @@ def fsdp_worker(out: Path) -> None:
         ref_loss.backward()
         ref_opt.step()
         ref_opt.zero_grad()
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # gathered on rank 0
+    full = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )  # gathered on rank 0
     atomic_write_json(out / f"rank{rank}.json", {"world": world, "local_numel": local})
     if rank == 0:
         save_weights(full, out / "model.safetensors")
@@ -67,13 +73,24 @@ def fsdp_worker(out: Path) -> None:
 
 
 def test_fsdp2_shards_trains_and_saves_a_plain_model(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, "fsdp", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        __file__,
+        "fsdp",
+        str(tmp_path),
+    ]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     full_numel = sum(p.numel() for p in GPT(CFG).parameters())
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["world"] == 2 for r in ranks)
-    assert sum(r["local_numel"] for r in ranks) >= full_numel > max(r["local_numel"] for r in ranks)  # really sharded (>=: padding)
+    assert (
+        sum(r["local_numel"] for r in ranks) >= full_numel > max(r["local_numel"] for r in ranks)
+    )  # really sharded (>=: padding)
 
     saved = load_weights(tmp_path / "model.safetensors")
     plain = GPT(CFG)
@@ -99,7 +116,16 @@ def test_fsdp_config_on_cpu_says_it_fell_back(tmp_path, shakespeare):
             f"--run.out_dir={tmp_path / 'run'}",
             "--train.max_steps=2",
         ),
-        launcher=["accelerate", "launch", "--config_file", "configs/accelerate/fsdp.yaml", "--num_processes", "2", "--main_process_port", str(free_port())],
+        launcher=[
+            "accelerate",
+            "launch",
+            "--config_file",
+            "configs/accelerate/fsdp.yaml",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(free_port()),
+        ],
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout + result.stderr
@@ -134,8 +160,27 @@ def test_two_machines_on_one_host(tmp_path, shakespeare):
     ]
     cmds = [
         [
-            *("accelerate", "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2"),
-            *("--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no"),
+            *(
+                "accelerate",
+                "launch",
+                "--multi_gpu",
+                "--num_machines",
+                "2",
+                "--machine_rank",
+                str(rank),
+                "--num_processes",
+                "2",
+            ),
+            *(
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                str(port),
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+            ),
             str(REPO / "launch" / "pretrain.py"),
             *args,
         ]

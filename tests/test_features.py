@@ -60,7 +60,10 @@ def learning(run_dir: Path) -> dict[int, dict]:
 # ----------------------------------------------------------------------------- activation checkpointing
 
 
-@pytest.mark.parametrize("spec, wrapped", [("none", []), ("full", [0, 1, 2, 3, 4]), ("every_2", [0, 2, 4]), ("every_3", [0, 3]), ("every_9", [0])])
+@pytest.mark.parametrize(
+    "spec, wrapped",
+    [("none", []), ("full", [0, 1, 2, 3, 4]), ("every_2", [0, 2, 4]), ("every_3", [0, 3]), ("every_9", [0])],
+)
 def test_checkpoint_blocks_wraps_every_nth_block(spec, wrapped):
     model = tiny_gpt(n_layer=5)
     blocks = list(model.transformer.h)
@@ -142,11 +145,19 @@ def test_checkpointed_model_generates_like_the_plain_one():
 
 def test_eager_compile_backend_would_recompute_other_dropout_masks(monkeypatch):
     monkeypatch.setenv("DIST_GPT_COMPILE_BACKEND", "eager")
-    cfg = load_config(None, ["--train.activation_checkpointing=full", "--model.dropout=0.1", "--train.compile=true"], "pretrain")
+    cfg = load_config(
+        None, ["--train.activation_checkpointing=full", "--model.dropout=0.1", "--train.compile=true"], "pretrain"
+    )
     with pytest.raises(UserError, match="recomputes checkpointed Blocks with other dropout masks"):
         make_accelerator(cfg)
     for fine in ("--model.dropout=0", "--train.compile=false", "--train.activation_checkpointing=none"):
-        check_recompute_backend(load_config(None, ["--train.activation_checkpointing=full", "--model.dropout=0.1", "--train.compile=true", fine], "pretrain"))
+        check_recompute_backend(
+            load_config(
+                None,
+                ["--train.activation_checkpointing=full", "--model.dropout=0.1", "--train.compile=true", fine],
+                "pretrain",
+            )
+        )
     monkeypatch.setenv("DIST_GPT_COMPILE_BACKEND", "aot_eager")
     check_recompute_backend(cfg)
 
@@ -165,9 +176,20 @@ def test_activation_checkpointing_mistakes(monkeypatch):
 
 def test_new_keys_are_off_by_default_and_in_help():
     t, log = TrainConfig(), LogConfig()
-    assert (t.activation_checkpointing, t.lr_decay, log.profile_steps, log.memory_history) == ("none", "cosine", "", False)
+    assert (t.activation_checkpointing, t.lr_decay, log.profile_steps, log.memory_history) == (
+        "none",
+        "cosine",
+        "",
+        False,
+    )
     text = help_text("pretrain")
-    for key in ("--train.activation_checkpointing", "--train.decay_fraction", "--train.decay_shape", "--log.profile_steps", "--log.memory_history"):
+    for key in (
+        "--train.activation_checkpointing",
+        "--train.decay_fraction",
+        "--train.decay_shape",
+        "--log.profile_steps",
+        "--log.memory_history",
+    ):
         assert key in text
     assert "cosine|linear|constant|wsd" in text and "every_N" in text
 
@@ -176,25 +198,46 @@ def test_new_keys_parse():
     assert [checkpoint_every(s) for s in ("none", "full", "every_1", "every_4")] == [0, 1, 1, 4]
     assert step_range("") is None and step_range(" 3 - 7 ") == (3, 7) and step_range("5-5") == (5, 5)
     cfg = load_config(
-        None, ["--train.lr_decay=wsd", "--train.decay_fraction=0.1", "--log.profile_steps=10-15", "--train.activation_checkpointing=every_2"], "pretrain"
+        None,
+        [
+            "--train.lr_decay=wsd",
+            "--train.decay_fraction=0.1",
+            "--log.profile_steps=10-15",
+            "--train.activation_checkpointing=every_2",
+        ],
+        "pretrain",
     )
-    assert (cfg.train.lr_decay, cfg.train.decay_fraction, cfg.log.profile_steps, cfg.train.activation_checkpointing) == ("wsd", 0.1, "10-15", "every_2")
+    assert (
+        cfg.train.lr_decay,
+        cfg.train.decay_fraction,
+        cfg.log.profile_steps,
+        cfg.train.activation_checkpointing,
+    ) == ("wsd", 0.1, "10-15", "every_2")
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["--train.activation_checkpointing=some"], "train.activation_checkpointing: 'some' is not none, full or every_N"),
+        (
+            ["--train.activation_checkpointing=some"],
+            "train.activation_checkpointing: 'some' is not none, full or every_N",
+        ),
         (["--train.activation_checkpointing=every_0"], "is not none, full or every_N with N >= 1"),
         (["--train.activation_checkpointing=every_"], "is not none, full or every_N with N >= 1"),
         (["--log.profile_steps=5"], "log.profile_steps: '5' is not a step range A-B with 1 <= A <= B, e.g. 10-15"),
         (["--log.profile_steps=7-3"], "is not a step range A-B"),
         (["--log.profile_steps=0-3"], "is not a step range A-B"),
         (["--log.profile_steps=a-b"], "is not a step range A-B"),
-        (["--log.profile_steps=10-20", "--train.max_steps=15"], "log.profile_steps=10-20 ends after train.max_steps=15"),
+        (
+            ["--log.profile_steps=10-20", "--train.max_steps=15"],
+            "log.profile_steps=10-20 ends after train.max_steps=15",
+        ),
         (["--train.decay_fraction=0"], "train.decay_fraction must be in (0, 1], got 0.0"),
         (["--train.decay_fraction=1.5"], "train.decay_fraction must be in (0, 1]"),
-        (["--train.lr_decay=wsd", "--train.max_steps=100", "--train.warmup_steps=90"], "train.warmup_steps=90 runs into the decay, which takes the last 20"),
+        (
+            ["--train.lr_decay=wsd", "--train.max_steps=100", "--train.warmup_steps=90"],
+            "train.warmup_steps=90 runs into the decay, which takes the last 20",
+        ),
         (["--train.decay_shape=cosine"], "not one of linear, 1-sqrt"),
     ],
 )
@@ -205,7 +248,9 @@ def test_bad_new_values_are_one_clear_error(overrides, message):
 
 
 def test_profile_window_may_pass_max_steps_under_a_time_budget():
-    cfg = load_config(None, ["--log.profile_steps=10-20", "--train.max_steps=15", "--train.time_budget_s=60"], "pretrain")
+    cfg = load_config(
+        None, ["--log.profile_steps=10-20", "--train.max_steps=15", "--train.time_budget_s=60"], "pretrain"
+    )
     assert cfg.log.profile_steps == "10-20"
 
 
@@ -213,7 +258,20 @@ def test_profile_window_may_pass_max_steps_under_a_time_budget():
 
 
 def wsd(**kw) -> TrainConfig:
-    return TrainConfig(**{**dict(lr=1.0, min_lr=0.1, warmup_steps=2, max_steps=20, lr_decay="wsd", decay_fraction=0.25, decay_shape="linear"), **kw})
+    return TrainConfig(
+        **{
+            **dict(
+                lr=1.0,
+                min_lr=0.1,
+                warmup_steps=2,
+                max_steps=20,
+                lr_decay="wsd",
+                decay_fraction=0.25,
+                decay_shape="linear",
+            ),
+            **kw,
+        }
+    )
 
 
 def test_wsd_warms_up_holds_then_decays_to_min_lr():
@@ -221,7 +279,9 @@ def test_wsd_warms_up_holds_then_decays_to_min_lr():
     lrs = [lr_at(s, 0.0, t) for s in range(20)]
     assert lrs[:2] == pytest.approx([1 / 3, 2 / 3])  # the warmup every schedule shares
     assert lrs[2:15] == [1.0] * 13  # stable
-    assert lrs[15:] == pytest.approx([0.82, 0.64, 0.46, 0.28, 0.1])  # the last 5 steps (25%) decay linearly; the last at min_lr
+    assert lrs[15:] == pytest.approx(
+        [0.82, 0.64, 0.46, 0.28, 0.1]
+    )  # the last 5 steps (25%) decay linearly; the last at min_lr
     sqrt = [lr_at(s, 0.0, wsd(decay_shape="1-sqrt")) for s in range(15, 20)]
     assert sqrt == pytest.approx([1 - 0.9 * (k / 5) ** 0.5 for k in range(1, 6)])  # 1-sqrt drops faster at first
     assert lr_at(25, 0.0, t) == pytest.approx(0.1)  # past the end: min_lr
@@ -231,7 +291,10 @@ def test_wsd_stable_phase_does_not_depend_on_max_steps_but_cosine_does():
     """Why a WSD run can be extended: until its decay starts, its rate is that of any longer WSD run."""
     short, long = wsd(max_steps=20), wsd(max_steps=100)
     assert [lr_at(s, 0.0, short) for s in range(15)] == [lr_at(s, 0.0, long) for s in range(15)]
-    cos_short, cos_long = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=2, max_steps=20), TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=2, max_steps=100)
+    cos_short, cos_long = (
+        TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=2, max_steps=20),
+        TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=2, max_steps=100),
+    )
     assert lr_at(10, 0.0, cos_short) < lr_at(10, 0.0, cos_long) - 0.3
 
 
@@ -247,14 +310,27 @@ def test_extending_a_stable_wsd_checkpoint_equals_the_longer_run_from_the_start(
     """The documented recipe (README, "Extending a run"): a 12-step WSD run's step-8 checkpoint (still stable) copied into
     a new run directory and resumed with train.max_steps=24 retrains nothing and ends bit for bit where a 24-step run
     planned from the start ends; the two agree at every shared stable step."""
-    common = [*SMOKE, f"--data.source={shakespeare}", f"--data.dir={tmp_path / 'data'}", "--train.lr_decay=wsd", "--train.decay_fraction=0.25"]
-    common += ["--train.checkpoint_interval=4", "--train.keep_checkpoints=10", "--train.eval_interval=4", "--model.dropout=0.1"]
+    common = [
+        *SMOKE,
+        f"--data.source={shakespeare}",
+        f"--data.dir={tmp_path / 'data'}",
+        "--train.lr_decay=wsd",
+        "--train.decay_fraction=0.25",
+    ]
+    common += [
+        "--train.checkpoint_interval=4",
+        "--train.keep_checkpoints=10",
+        "--train.eval_interval=4",
+        "--model.dropout=0.1",
+    ]
     planned = run_script("pretrain.py", *common, "--train.max_steps=24", f"--run.out_dir={tmp_path / 'planned'}")
     short = run_script("pretrain.py", *common, "--train.max_steps=12", f"--run.out_dir={tmp_path / 'short'}")
     assert planned.returncode == 0 and short.returncode == 0, planned.stderr + short.stderr
     p, s = learning(tmp_path / "planned"), learning(tmp_path / "short")
     assert all(s[k] == p[k] for k in range(1, 10))  # stable: identical, whatever the planned length
-    assert s[12]["lr"] == pytest.approx(3e-4) and p[12]["lr"] == 3e-3  # the short run decayed at its end, the long one not yet
+    assert (
+        s[12]["lr"] == pytest.approx(3e-4) and p[12]["lr"] == 3e-3
+    )  # the short run decayed at its end, the long one not yet
 
     branch = tmp_path / "extended"  # the stable checkpoint, branched into a run directory of its own
     (branch / "checkpoints").mkdir(parents=True)
@@ -274,8 +350,17 @@ def test_extending_a_stable_wsd_checkpoint_equals_the_longer_run_from_the_start(
 # ----------------------------------------------------------------------------- profiling and memory snapshots
 
 
-def profiler(tmp_path: Path, steps: str = "", cuda: bool = False, first_step: int = 1, history: bool = False) -> Profiler:
-    return Profiler(LogConfig(profile_steps=steps, memory_history=history), tmp_path / "profile", rank=0, main=True, cuda=cuda, first_step=first_step)
+def profiler(
+    tmp_path: Path, steps: str = "", cuda: bool = False, first_step: int = 1, history: bool = False
+) -> Profiler:
+    return Profiler(
+        LogConfig(profile_steps=steps, memory_history=history),
+        tmp_path / "profile",
+        rank=0,
+        main=True,
+        cuda=cuda,
+        first_step=first_step,
+    )
 
 
 def work() -> None:
@@ -307,10 +392,19 @@ def test_profile_window_writes_a_trace_of_those_steps_and_prints_the_top_operato
     trace = tmp_path / "profile" / "steps_3-4_rank0.pt.trace.json"
     events = json.loads(trace.read_text())["traceEvents"]
     names = {e.get("name") for e in events}
-    assert {"step 3", "step 4"} <= names and not names & {"step 1", "step 2", "step 5", "step 6"}  # step 2 was the unrecorded warm-up
+    assert {"step 3", "step 4"} <= names and not names & {
+        "step 1",
+        "step 2",
+        "step 5",
+        "step 6",
+    }  # step 2 was the unrecorded warm-up
     assert "aten::mm" in names
     err = capsys.readouterr().err
-    assert "profile of steps 3-4 (rank 0), operators by self_cpu_time_total" in err and "Self CPU" in err and "aten::mm" in err
+    assert (
+        "profile of steps 3-4 (rank 0), operators by self_cpu_time_total" in err
+        and "Self CPU" in err
+        and "aten::mm" in err
+    )
     assert f"profiler trace written to {trace}" in err
     assert sorted(os.listdir(tmp_path / "profile")) == [trace.name]  # no temporary file left
 
@@ -318,13 +412,19 @@ def test_profile_window_writes_a_trace_of_those_steps_and_prints_the_top_operato
 def test_memory_history_on_a_cpu_says_it_does_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", lambda *a, **kw: pytest.fail("no CUDA here"))
     profiler(tmp_path, history=True)
-    assert "log.memory_history records the CUDA allocator's history; this run is not on a GPU" in capsys.readouterr().err
+    assert (
+        "log.memory_history records the CUDA allocator's history; this run is not on a GPU" in capsys.readouterr().err
+    )
 
 
 def test_profile_window_and_resume(tmp_path, capsys):
     after = profiler(tmp_path / "a", "3-4", first_step=9)  # resumed past the window
-    assert after.window is None and "resumes at step 9, after those steps; nothing is profiled" in capsys.readouterr().err
-    inside = profiler(tmp_path / "b", "3-6", first_step=5)  # resumed inside it: the rest of the window, no warm-up step to spare
+    assert (
+        after.window is None and "resumes at step 9, after those steps; nothing is profiled" in capsys.readouterr().err
+    )
+    inside = profiler(
+        tmp_path / "b", "3-6", first_step=5
+    )  # resumed inside it: the rest of the window, no warm-up step to spare
     assert inside.window == (5, 6) and inside.start_at == 5
     for n in range(5, 8):
         with inside.step(n):
@@ -338,17 +438,26 @@ def test_a_run_stopped_inside_the_window_writes_what_it_recorded(tmp_path):
         with p.step(n):
             work()
     p.close()
-    names = {e.get("name") for e in json.loads((tmp_path / "profile" / "steps_2-9_rank0.pt.trace.json").read_text())["traceEvents"]}
+    names = {
+        e.get("name")
+        for e in json.loads((tmp_path / "profile" / "steps_2-9_rank0.pt.trace.json").read_text())["traceEvents"]
+    }
     assert {"step 2", "step 3"} <= names
 
 
 def test_out_of_memory_in_a_step_is_one_line(tmp_path):
     p = profiler(tmp_path)
     with pytest.raises(UserError) as e, p.step(4):
-        raise torch.OutOfMemoryError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes.\nmore detail")
+        raise torch.OutOfMemoryError(
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes.\nmore detail"
+        )
     message = str(e.value)
-    assert message.startswith("step 4 ran out of CPU memory (DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes.)")
-    assert "lower train.batch_size" in message and "train.activation_checkpointing=full" in message and "\n" not in message
+    assert message.startswith(
+        "step 4 ran out of CPU memory (DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes.)"
+    )
+    assert (
+        "lower train.batch_size" in message and "train.activation_checkpointing=full" in message and "\n" not in message
+    )
     assert not (tmp_path / "profile").exists()  # no snapshot on CPU
 
 
@@ -361,7 +470,10 @@ def test_out_of_memory_on_cuda_writes_a_memory_snapshot_first(tmp_path, monkeypa
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     snapshot = tmp_path / "profile" / "memory_oom_step2_rank0.pickle"
     assert snapshot.read_bytes() == b"snapshot" and not recorded
-    assert f"memory snapshot in {snapshot} (open it at https://pytorch.org/memory_viz; rerun with --log.memory_history=true" in str(e.value)
+    assert (
+        f"memory snapshot in {snapshot} (open it at https://pytorch.org/memory_viz; rerun with --log.memory_history=true"
+        in str(e.value)
+    )
     assert str(e.value).startswith("step 2 ran out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB)")
     with_history = profiler(tmp_path / "h", cuda=True, history=True)  # log.memory_history: recorded from the start
     assert recorded == [{"max_entries": 100_000}]
@@ -378,7 +490,9 @@ def test_out_of_memory_with_an_unwritable_snapshot_still_says_what_happened(tmp_
     p = profiler(tmp_path, cuda=True)
     with pytest.raises(UserError) as e, p.step(3):
         raise torch.OutOfMemoryError("CUDA out of memory.")
-    assert "step 3 ran out of GPU memory" in str(e.value) and "no memory snapshot (disk full while writing" in str(e.value)
+    assert "step 3 ran out of GPU memory" in str(e.value) and "no memory snapshot (disk full while writing" in str(
+        e.value
+    )
 
 
 OOM_PRETRAIN = """
@@ -402,20 +516,33 @@ main(pretrain, sys.argv[1:])
 def test_out_of_memory_through_the_launcher(tmp_path, shakespeare):
     script = tmp_path / "oom_pretrain.py"
     script.write_text(OOM_PRETRAIN)
-    args = [*SMOKE, f"--data.source={shakespeare}", f"--data.dir={tmp_path / 'data'}", f"--run.out_dir={tmp_path / 'run'}", "--train.checkpoint_interval=2"]
+    args = [
+        *SMOKE,
+        f"--data.source={shakespeare}",
+        f"--data.dir={tmp_path / 'data'}",
+        f"--run.out_dir={tmp_path / 'run'}",
+        "--train.checkpoint_interval=2",
+    ]
     out = subprocess.run([sys.executable, str(script), *args], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 2, out.stderr
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: step 3 ran out of CPU memory (DefaultCPUAllocator: can't allocate memory") and "train.activation_checkpointing=full" in last
+    assert (
+        last.startswith("error: step 3 ran out of CPU memory (DefaultCPUAllocator: can't allocate memory")
+        and "train.activation_checkpointing=full" in last
+    )
     assert "Traceback" not in out.stderr
-    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_000002"]  # the last good checkpoint stays
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == [
+        "step_000002"
+    ]  # the last good checkpoint stays
 
 
 # ----------------------------------------------------------------------------- end to end: profile, AC + compile, plain names
 
 
 @pytest.fixture(scope="module")
-def profiled_and_checkpointed(tmp_path_factory, shakespeare) -> tuple[Path, subprocess.CompletedProcess, Path, subprocess.CompletedProcess]:
+def profiled_and_checkpointed(
+    tmp_path_factory, shakespeare
+) -> tuple[Path, subprocess.CompletedProcess, Path, subprocess.CompletedProcess]:
     tmp = tmp_path_factory.mktemp("features")
     common = [
         *SMOKE,
@@ -493,7 +620,14 @@ def test_activation_checkpointing_under_ddp_and_fsdp2(tmp_path, shakespeare, wra
         if wrapper == "FSDPGPT"
         else "import sys\nfrom dist_gpt.cli import main\nfrom dist_gpt.stages import pretrain\nmain(pretrain, sys.argv[1:])\n"
     )
-    common = [*SMOKE, f"--data.source={shakespeare}", f"--data.dir={tmp_path / 'data'}", "--train.max_steps=6", "--train.eval_interval=3", "--model.n_layer=3"]
+    common = [
+        *SMOKE,
+        f"--data.source={shakespeare}",
+        f"--data.dir={tmp_path / 'data'}",
+        "--train.max_steps=6",
+        "--train.eval_interval=3",
+        "--model.n_layer=3",
+    ]
     common += ["--model.dropout=0.1"]
     outs = {}
     for name, extra in (("plain", []), ("ac", ["--train.activation_checkpointing=every_2"])):
@@ -502,9 +636,24 @@ def test_activation_checkpointing_under_ddp_and_fsdp2(tmp_path, shakespeare, wra
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", f"--master_port={port}", str(script), *common, *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=1",
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+            str(script),
+            *common,
+            *extra,
+        ]
         outs[name] = subprocess.run(
-            cmd + [f"--run.out_dir={tmp_path / name}"], cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1"}
+            cmd + [f"--run.out_dir={tmp_path / name}"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "ACCELERATE_USE_CPU": "1"},
         )
         assert outs[name].returncode == 0, outs[name].stderr[-3000:]
         assert wrapper in outs[name].stderr
@@ -531,12 +680,30 @@ def test_wandb_defaults_without_environment(tmp_path):
 
 
 def test_wandb_environment_is_respected(tmp_path):
-    env = {"WANDB_DIR": "/scratch/wandb", "WANDB_PROJECT": "gpt2", "WANDB_ENTITY": "lab", "WANDB_RUN_GROUP": "ablation-3", "WANDB_NAME": "lr-3e-4"}
+    env = {
+        "WANDB_DIR": "/scratch/wandb",
+        "WANDB_PROJECT": "gpt2",
+        "WANDB_ENTITY": "lab",
+        "WANDB_RUN_GROUP": "ablation-3",
+        "WANDB_NAME": "lr-3e-4",
+    }
     project, kw = wandb_init_args(cfg_with(), tmp_path / "myrun", "abc123", env=env)
     assert project == "gpt2"
-    assert kw == {"name": "lr-3e-4", "id": "abc123", "resume": "allow", "dir": "/scratch/wandb", "entity": "lab", "group": "ablation-3"}
+    assert kw == {
+        "name": "lr-3e-4",
+        "id": "abc123",
+        "resume": "allow",
+        "dir": "/scratch/wandb",
+        "entity": "lab",
+        "group": "ablation-3",
+    }
     # explicit settings win over the variables; a sweep agent's run id wins over ours
-    project, kw = wandb_init_args(cfg_with("--log.project=mine", "--log.run_name=named"), tmp_path / "r", "abc123", env={**env, "WANDB_RUN_ID": "sweeprun"})
+    project, kw = wandb_init_args(
+        cfg_with("--log.project=mine", "--log.run_name=named"),
+        tmp_path / "r",
+        "abc123",
+        env={**env, "WANDB_RUN_ID": "sweeprun"},
+    )
     assert (project, kw["name"], kw["id"]) == ("mine", "named", "sweeprun")
 
 
@@ -557,28 +724,48 @@ def test_tracker_no_longer_overrides_wandb_dir(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc credentials
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))
-    acc, run = FakeAccelerator(), SimpleNamespace(path=tmp_path / "run", metrics=tmp_path / "m.jsonl", samples=tmp_path / "s.jsonl")
+    acc, run = (
+        FakeAccelerator(),
+        SimpleNamespace(path=tmp_path / "run", metrics=tmp_path / "m.jsonl", samples=tmp_path / "s.jsonl"),
+    )
     tracker = Tracker(acc, run, cfg_with("--log.wandb=true", "--log.progress=false"), 0, 0.0, "abc123")
     tracker.bar.close()
     project, _, init = acc.init
-    assert init["wandb"]["dir"] == str(tmp_path / "elsewhere") and os.environ["WANDB_DIR"] == str(tmp_path / "elsewhere")
+    assert init["wandb"]["dir"] == str(tmp_path / "elsewhere") and os.environ["WANDB_DIR"] == str(
+        tmp_path / "elsewhere"
+    )
     assert f"logging offline into {tmp_path / 'elsewhere' / 'wandb'}" in capsys.readouterr().err
     monkeypatch.delenv("WANDB_DIR")
     monkeypatch.delenv("WANDB_MODE")
     Tracker(acc, run, cfg_with("--log.wandb=true", "--log.progress=false"), 0, 0.0, "abc123").bar.close()
-    assert acc.init[2]["wandb"]["dir"] == str(tmp_path / "run") and "WANDB_DIR" not in os.environ  # nothing set: RUN_DIR/wandb, offline
+    assert (
+        acc.init[2]["wandb"]["dir"] == str(tmp_path / "run") and "WANDB_DIR" not in os.environ
+    )  # nothing set: RUN_DIR/wandb, offline
     assert f"logging offline into {tmp_path / 'run' / 'wandb'}" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_wandb_dir_through_the_launcher(tmp_path, shakespeare):
-    args = [*SMOKE, f"--data.source={shakespeare}", f"--data.dir={tmp_path / 'data'}", f"--run.out_dir={tmp_path / 'run'}", "--log.wandb=true"]
-    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb_home"), "WANDB_RUN_GROUP": "grp-ablation-7f3", "WANDB_PROJECT": "proj-gpt2-9c1"}
+    args = [
+        *SMOKE,
+        f"--data.source={shakespeare}",
+        f"--data.dir={tmp_path / 'data'}",
+        f"--run.out_dir={tmp_path / 'run'}",
+        "--log.wandb=true",
+    ]
+    env = {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path / "wandb_home"),
+        "WANDB_RUN_GROUP": "grp-ablation-7f3",
+        "WANDB_PROJECT": "proj-gpt2-9c1",
+    }
     out = run_script("pretrain.py", *args, "--train.max_steps=3", env=env)
     assert out.returncode == 0, out.stderr
     runs = list((tmp_path / "wandb_home" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and not (tmp_path / "run" / "wandb").exists()
-    record = next(runs[0].glob("run-*.wandb")).read_bytes()  # W&B's own record of the run: the group and project went in
+    record = next(
+        runs[0].glob("run-*.wandb")
+    ).read_bytes()  # W&B's own record of the run: the group and project went in
     assert b"grp-ablation-7f3" in record and b"proj-gpt2-9c1" in record
 
 
@@ -606,12 +793,16 @@ def test_sweep_command_runs_pretrain_with_the_agent_arguments(tmp_path):
     from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
     spec = sweep()
-    sampled = {key: {"value": (v.get("values") or [v.get("value", v.get("min"))])[0]} for key, v in spec["parameters"].items()}
+    sampled = {
+        key: {"value": (v.get("values") or [v.get("value", v.get("min"))])[0]} for key, v in spec["parameters"].items()
+    }
     flags = create_sweep_command_args({"args": sampled})["args"]
     command = [c for item in spec["command"] for c in (flags if item == "${args}" else [item])]
     fake = tmp_path / "bin" / "python"
     fake.parent.mkdir()
-    fake.write_text(f"#!{sys.executable}\nimport json, sys\njson.dump(sys.argv[1:], open({str(tmp_path / 'argv.json')!r}, 'w'))\n")
+    fake.write_text(
+        f"#!{sys.executable}\nimport json, sys\njson.dump(sys.argv[1:], open({str(tmp_path / 'argv.json')!r}, 'w'))\n"
+    )
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "WANDB_RUN_ID": "r4nd0m"}
     subprocess.run(command, cwd=REPO, env=env, check=True, timeout=60)

@@ -30,7 +30,15 @@ QUICK = ["--train.time_budget_s=0", "--train.eval_iters=4", "--log.wandb=false",
 def parent(tmp_path_factory, shakespeare) -> Path:
     """A smoke pretrain with a context long enough for a sonnet's prompt and the start of its response."""
     root = tmp_path_factory.mktemp("parent")
-    out = run_script("pretrain.py", "--config", "configs/smoke.yaml", f"--data.source={shakespeare}", f"--data.dir={root / 'data'}", f"--run.out_dir={root / 'run'}", "--model.block_size=96")
+    out = run_script(
+        "pretrain.py",
+        "--config",
+        "configs/smoke.yaml",
+        f"--data.source={shakespeare}",
+        f"--data.dir={root / 'data'}",
+        f"--run.out_dir={root / 'run'}",
+        "--model.block_size=96",
+    )
     assert out.returncode == 0, out.stderr
     return root / "run"
 
@@ -44,7 +52,16 @@ def evals(run_dir: Path) -> list[dict]:
 
 
 def finetune_cfg(parent: Path, tmp_path: Path, *extra: str, config: str = "configs/finetune_sonnets.yaml"):
-    return load_config(config, [f"--finetune.init_from={parent}", f"--run.out_dir={tmp_path / 'run'}", f"--data.dir={tmp_path / 'data'}", *extra], "finetune")
+    return load_config(
+        config,
+        [
+            f"--finetune.init_from={parent}",
+            f"--run.out_dir={tmp_path / 'run'}",
+            f"--data.dir={tmp_path / 'data'}",
+            *extra,
+        ],
+        "finetune",
+    )
 
 
 def test_text_finetune_starts_from_the_parent_and_learns(parent, tmp_path, sonnets):
@@ -76,7 +93,11 @@ def test_text_finetune_starts_from_the_parent_and_learns(parent, tmp_path, sonne
 
     # lineage: the parent's path and its summary figures
     summary = json.loads((run_dir / "summary.json").read_text())
-    lineage = {"init_from": str(parent), "path": str(parent.resolve()), "summary": json.loads((parent / "summary.json").read_text())}
+    lineage = {
+        "init_from": str(parent),
+        "path": str(parent.resolve()),
+        "summary": json.loads((parent / "summary.json").read_text()),
+    }
     assert summary["parent"] == lineage and json.loads((run_dir / "parent.json").read_text()) == {"parent": lineage}
 
     # the finetune is an ordinary run: sample.py reads it unchanged
@@ -126,16 +147,29 @@ def test_freeze_a_rope_model_which_has_no_position_table():
 
 def test_sft_loss_counts_exactly_the_response_tokens(parent, tmp_path):
     """Through the model's loss: the logits that get a gradient are exactly those predicting a response token."""
-    pairs = [("ab", "hello there"), ("a longer prompt", "yes"), ("x" * 40, "no " * 20), ("q", "a reply cut at the block " * 3)]
+    pairs = [
+        ("ab", "hello there"),
+        ("a longer prompt", "yes"),
+        ("x" * 40, "no " * 20),
+        ("q", "a reply cut at the block " * 3),
+    ]
     source = tmp_path / "pairs.jsonl"
-    source.write_text("".join(json.dumps({"prompt": p, "response": r, "split": "train"}) + "\n" for p, r in pairs) + json.dumps({"prompt": "v", "response": "w", "split": "val"}) + "\n")
+    source.write_text(
+        "".join(json.dumps({"prompt": p, "response": r, "split": "train"}) + "\n" for p, r in pairs)
+        + json.dumps({"prompt": "v", "response": "w", "split": "val"})
+        + "\n"
+    )
     tok = load_run(parent).tokenizer
     cfg = load_config(None, [f"--data.source={source}", "--data.name=pairs"], "prepare")
     prepare(cfg.data, data_dir=tmp_path / "data", tokenizer=tok, sft=True, log=lambda _m: None)
     T = 48
-    x, y = BatchLoader(open_split(tmp_path / "data", "train"), T, len(pairs), seed=0, mode="sequential").next_batch()  # row i = pair i
+    x, y = BatchLoader(
+        open_split(tmp_path / "data", "train"), T, len(pairs), seed=0, mode="sequential"
+    ).next_batch()  # row i = pair i
 
-    expected = torch.zeros(len(pairs), T, dtype=torch.bool)  # expected[i, t]: position t predicts a response token of pair i
+    expected = torch.zeros(
+        len(pairs), T, dtype=torch.bool
+    )  # expected[i, t]: position t predicts a response token of pair i
     for i, (p, r) in enumerate(pairs):
         head, n = len(tok.encode(render_prompt(p))), len(tok.encode(render_prompt(p) + render_response(r)))
         for t in range(T):
@@ -172,7 +206,9 @@ def test_sft_jsonl_config_and_chat_sampling(parent, tmp_path):
     """The generic SFT config on a JSONL of pairs; launch/sample.py --chat then answers in the template and stops."""
     source = tmp_path / "pairs.jsonl"
     names = ["Romeo", "Juliet", "Hamlet", "Lear", "Puck", "Viola", "Iago", "Portia"]
-    source.write_text("".join(json.dumps({"prompt": f"Who is {n}?", "response": f"{n} is a name."}) + "\n" for n in names * 5))
+    source.write_text(
+        "".join(json.dumps({"prompt": f"Who is {n}?", "response": f"{n} is a name."}) + "\n" for n in names * 5)
+    )
     out = run_script(
         "finetune.py", "--config", "configs/sft_jsonl.yaml",
         f"--finetune.init_from={parent}", f"--data.source={source}", f"--data.dir={tmp_path / 'data'}", f"--run.out_dir={tmp_path / 'run'}",
@@ -183,17 +219,37 @@ def test_sft_jsonl_config_and_chat_sampling(parent, tmp_path):
     rows = evals(tmp_path / "run")
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.1
 
-    chat = run_script("sample.py", "--run", str(tmp_path / "run"), "--chat", "--prompt", "Who is Puck?", "--max_new_tokens", "40", "--temperature", "0")
+    chat = run_script(
+        "sample.py",
+        "--run",
+        str(tmp_path / "run"),
+        "--chat",
+        "--prompt",
+        "Who is Puck?",
+        "--max_new_tokens",
+        "40",
+        "--temperature",
+        "0",
+    )
     assert chat.returncode == 0, chat.stderr
     prompt = render_prompt("Who is Puck?")
-    assert chat.stdout.startswith(prompt) and RESPONSE_END not in chat.stdout[len(prompt) :]  # cut where a response ends
+    assert (
+        chat.stdout.startswith(prompt) and RESPONSE_END not in chat.stdout[len(prompt) :]
+    )  # cut where a response ends
 
 
 # ----------------------------------------------------------------------------- errors before training
 
 
 def test_contradicting_shape_is_one_line_error(parent, tmp_path):
-    out = run_script("finetune.py", "--config", "configs/finetune_sonnets.yaml", f"--finetune.init_from={parent}", f"--run.out_dir={tmp_path / 'run'}", "--model.n_layer=3")
+    out = run_script(
+        "finetune.py",
+        "--config",
+        "configs/finetune_sonnets.yaml",
+        f"--finetune.init_from={parent}",
+        f"--run.out_dir={tmp_path / 'run'}",
+        "--model.n_layer=3",
+    )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == (
         f"error: model.n_layer=3 contradicts the parent {parent}, which has model.n_layer=2: a finetune keeps the parent's shape; "
@@ -208,7 +264,9 @@ def test_contradicting_yaml_key_and_tokenizer_choices(parent, tmp_path):
     with pytest.raises(UserError, match=r"model.block_size=64 contradicts the parent .* model.block_size=96"):
         finetune(["--config", str(config), f"--finetune.init_from={parent}"])
     with pytest.raises(UserError, match="data.tokenizer=bpe but the parent .* uses the char tokenizer"):
-        finetune(["--config", "configs/finetune_sonnets.yaml", f"--finetune.init_from={parent}", "--data.tokenizer=bpe"])
+        finetune(
+            ["--config", "configs/finetune_sonnets.yaml", f"--finetune.init_from={parent}", "--data.tokenizer=bpe"]
+        )
     with pytest.raises(UserError, match="finetune.freeze=3 but the parent has only 2 blocks"):
         finetune(["--config", "configs/finetune_sonnets.yaml", f"--finetune.init_from={parent}", "--finetune.freeze=3"])
     with pytest.raises(UserError, match="finetune.init_from is required"):
@@ -224,7 +282,9 @@ def test_missing_corrupt_or_mismatched_parent_files(parent, tmp_path):
         finetune([*args, f"--finetune.init_from={tmp_path / 'nowhere'}"])
     missing = copy("missing")
     (missing / "model.safetensors").unlink()
-    with pytest.raises(UserError, match=f"finetune.init_from={missing}: model weights not found: {missing / 'model.safetensors'}"):
+    with pytest.raises(
+        UserError, match=f"finetune.init_from={missing}: model weights not found: {missing / 'model.safetensors'}"
+    ):
         finetune([*args, f"--finetune.init_from={missing}"])
     corrupt = copy("corrupt")
     data = (corrupt / "model.safetensors").read_bytes()
@@ -245,7 +305,9 @@ def test_data_prepared_with_another_tokenizer_is_refused(parent, tmp_path, sonne
     with pytest.raises(UserError, match="tokenizer mismatch: .* prepared with a different tokenizer"):
         check_prepared_tokenizer(tmp_path / "data", tok)
     cfg.data.unknown = "drop"
-    prepare(cfg.data, data_dir=tmp_path / "data", tokenizer=tok, log=lambda _m: None)  # what the finetune does: now it matches
+    prepare(
+        cfg.data, data_dir=tmp_path / "data", tokenizer=tok, log=lambda _m: None
+    )  # what the finetune does: now it matches
     check_prepared_tokenizer(tmp_path / "data", tok)
 
 
@@ -257,5 +319,7 @@ def test_hf_parent_loads_the_same_model(parent, tmp_path):
     # the same model; the attention kernel is no part of it (a run records the one its machine chose, hf: says auto)
     assert dataclasses.replace(theirs.config, attn_impl=ours.config.attn_impl) == ours.config
     assert theirs.tokenizer.fingerprint() == ours.tokenizer.fingerprint()
-    assert theirs.state.keys() == ours.state.keys() and all(torch.equal(theirs.state[k], v) for k, v in ours.state.items())
+    assert theirs.state.keys() == ours.state.keys() and all(
+        torch.equal(theirs.state[k], v) for k, v in ours.state.items()
+    )
     assert theirs.summary is None

@@ -64,8 +64,24 @@ def free_port() -> int:
 def torchrun(script: Path, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     import os
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", f"--master_port={free_port()}", str(script), *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, "ACCELERATE_USE_CPU": "1", **(env or {})})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(script),
+        *args,
+    ]
+    return subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "ACCELERATE_USE_CPU": "1", **(env or {})},
+    )
 
 
 def plain_keys() -> set[str]:
@@ -82,7 +98,14 @@ def metrics(run_dir: Path) -> dict[int, dict]:
 @pytest.fixture(scope="module")
 def compiled_run(tmp_path_factory, shakespeare) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("compiled")
-    args = [*SMOKE, f"--data.source={shakespeare}", f"--data.dir={tmp / 'data'}", f"--run.out_dir={tmp / 'run'}", "--train.compile=true", "--train.max_steps=10"]
+    args = [
+        *SMOKE,
+        f"--data.source={shakespeare}",
+        f"--data.dir={tmp / 'data'}",
+        f"--run.out_dir={tmp / 'run'}",
+        "--train.compile=true",
+        "--train.max_steps=10",
+    ]
     out = run_script("pretrain.py", *args, env=EAGER)
     assert out.returncode == 0, out.stderr
     assert "compile true" in out.stderr and "OptimizedModule" in out.stderr  # really compiled
@@ -104,13 +127,27 @@ def test_compiled_run_samples_evaluates_exports_and_finetunes(compiled_run, sonn
     assert sample.returncode == 0 and sample.stdout.startswith("ROMEO:"), sample.stderr
     evaluate = run_script("evaluate.py", "--run", str(run_dir), "--json")
     assert evaluate.returncode == 0, evaluate.stderr
-    assert abs(json.loads(evaluate.stdout)["loss"] - metrics(run_dir)[10]["val_loss"]) < 0.3  # the whole split vs 4 batches
+    assert (
+        abs(json.loads(evaluate.stdout)["loss"] - metrics(run_dir)[10]["val_loss"]) < 0.3
+    )  # the whole split vs 4 batches
     export = run_script("export_hf.py", "--run", str(run_dir), "--out", str(tmp / "hf"))
     assert export.returncode == 0, export.stderr
     finetune = run_script(
         "finetune.py",
-        *("--config", "configs/finetune_sonnets.yaml", f"--finetune.init_from={run_dir}", f"--data.source={sonnets}", "--data.unknown=drop"),
-        *(f"--data.dir={tmp / 'sonnets'}", f"--run.out_dir={tmp / 'ft'}", "--train.max_steps=3", "--train.time_budget_s=0", "--train.compile=true"),
+        *(
+            "--config",
+            "configs/finetune_sonnets.yaml",
+            f"--finetune.init_from={run_dir}",
+            f"--data.source={sonnets}",
+            "--data.unknown=drop",
+        ),
+        *(
+            f"--data.dir={tmp / 'sonnets'}",
+            f"--run.out_dir={tmp / 'ft'}",
+            "--train.max_steps=3",
+            "--train.time_budget_s=0",
+            "--train.compile=true",
+        ),
         *("--train.eval_iters=2", "--train.sample_tokens=0", "--log.wandb=false"),
         env=EAGER,
     )
@@ -119,7 +156,14 @@ def test_compiled_run_samples_evaluates_exports_and_finetunes(compiled_run, sonn
 
 
 def test_compiled_run_resumes_exactly(tmp_path, shakespeare):
-    common = [*SMOKE, f"--data.source={shakespeare}", f"--data.dir={tmp_path / 'data'}", "--train.compile=true", "--train.max_steps=12", "--train.checkpoint_interval=6"]
+    common = [
+        *SMOKE,
+        f"--data.source={shakespeare}",
+        f"--data.dir={tmp_path / 'data'}",
+        "--train.compile=true",
+        "--train.max_steps=12",
+        "--train.checkpoint_interval=6",
+    ]
     whole = run_script("pretrain.py", *common, f"--run.out_dir={tmp_path / 'whole'}", env=EAGER)
     assert whole.returncode == 0, whole.stderr
     shutil.copytree(tmp_path / "whole", tmp_path / "cut")
@@ -166,12 +210,24 @@ def test_ddp_accumulation_all_reduces_once_per_step(tmp_path, shakespeare, compi
     script.write_text(COUNTING_PRETRAIN)
     counts = {}
     for accum in (1, 4):
-        args = [*SMOKE, f"--data.source={shakespeare}", f"--data.dir={tmp_path / 'data'}", f"--run.out_dir={tmp_path / f'run{accum}'}"]
-        args += [f"--train.grad_accum={accum}", "--train.max_steps=5", "--train.eval_interval=100", f"--train.compile={compile_on}"]
+        args = [
+            *SMOKE,
+            f"--data.source={shakespeare}",
+            f"--data.dir={tmp_path / 'data'}",
+            f"--run.out_dir={tmp_path / f'run{accum}'}",
+        ]
+        args += [
+            f"--train.grad_accum={accum}",
+            "--train.max_steps=5",
+            "--train.eval_interval=100",
+            f"--train.compile={compile_on}",
+        ]
         out = torchrun(script, str(tmp_path / f"count{accum}"), *args, env=EAGER)
         assert out.returncode == 0, out.stderr[-3000:]
         counts[accum] = json.loads((tmp_path / f"count{accum}.0").read_text())
-    assert counts[1] > 0 and counts[4] == counts[1]  # 4 micro-batches per step, still one gradient all-reduce per bucket per step
+    assert (
+        counts[1] > 0 and counts[4] == counts[1]
+    )  # 4 micro-batches per step, still one gradient all-reduce per bucket per step
 
 
 # ----------------------------------------------------------------------------- FSDP2 through the trainer
@@ -182,12 +238,21 @@ def test_fsdp2_trainer_checkpoints_after_eval_resumes_and_saves_a_plain_model(tm
     script = tmp_path / "fsdp_pretrain.py"
     script.write_text(FSDP_PRETRAIN)
     common = [*SMOKE, f"--data.source={shakespeare}", f"--data.dir={tmp_path / 'data'}", "--train.max_steps=12"]
-    common += ["--train.eval_interval=4", "--train.checkpoint_interval=4", "--train.eval_iters=3", "--train.keep_checkpoints=3"]  # 3 batches on 2 ranks
+    common += [
+        "--train.eval_interval=4",
+        "--train.checkpoint_interval=4",
+        "--train.eval_iters=3",
+        "--train.keep_checkpoints=3",
+    ]  # 3 batches on 2 ranks
     whole = torchrun(script, *common, f"--run.out_dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert "FSDPGPT" in whole.stderr  # sharded, really
     run_dir = tmp_path / "whole"
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000004", "step_000008", "step_000012"]  # each right after an eval
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "step_000004",
+        "step_000008",
+        "step_000012",
+    ]  # each right after an eval
     assert set(load_file(run_dir / "model.safetensors")) == plain_keys()
     load_run(run_dir)  # strict, into a plain GPT
 
@@ -200,7 +265,9 @@ def test_fsdp2_trainer_checkpoints_after_eval_resumes_and_saves_a_plain_model(tm
     a, b = load_file(run_dir / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
-    plain = run_script("pretrain.py", *common, f"--run.out_dir={tmp_path / 'plain'}")  # one process, no FSDP, the same global batches
+    plain = run_script(
+        "pretrain.py", *common, f"--run.out_dir={tmp_path / 'plain'}"
+    )  # one process, no FSDP, the same global batches
     assert plain.returncode == 0, plain.stderr
     assert metrics(tmp_path / "plain")[12]["val_loss"] == pytest.approx(whole_m[12]["val_loss"], abs=0.05)
 
@@ -248,13 +315,21 @@ def test_fsdp2_bf16_loss_is_computed_and_returned_in_fp32(tmp_path):
 
 
 def test_bf16_autocast_and_fused_adamw_through_the_trainer(tmp_path, shakespeare):
-    args = [*SMOKE, f"--data.source={shakespeare}", f"--data.dir={tmp_path / 'data'}", f"--run.out_dir={tmp_path / 'run'}", "--train.max_steps=6"]
+    args = [
+        *SMOKE,
+        f"--data.source={shakespeare}",
+        f"--data.dir={tmp_path / 'data'}",
+        f"--run.out_dir={tmp_path / 'run'}",
+        "--train.max_steps=6",
+    ]
     out = run_script("pretrain.py", *args, "--train.mixed_precision=bf16")
     assert out.returncode == 0, out.stderr
     assert "precision bf16" in out.stderr and "fused AdamW" in out.stderr
     rows = metrics(tmp_path / "run")
     assert rows[6]["val_loss"] < rows[0]["val_loss"]
-    assert all(v.dtype == torch.float32 for v in load_file(tmp_path / "run" / "model.safetensors").values())  # fp32 master weights
+    assert all(
+        v.dtype == torch.float32 for v in load_file(tmp_path / "run" / "model.safetensors").values()
+    )  # fp32 master weights
 
 
 SCALER_PRETRAIN = """
@@ -276,16 +351,36 @@ main(pretrain, sys.argv[2:])
 def test_loss_scaler_is_saved_and_restored(tmp_path, shakespeare):
     script = tmp_path / "scaler.py"
     script.write_text(SCALER_PRETRAIN)
-    args = [*SMOKE, f"--data.source={shakespeare}", f"--data.dir={tmp_path / 'data'}", f"--run.out_dir={tmp_path / 'run'}", "--train.checkpoint_interval=3"]
-    first = subprocess.run([sys.executable, str(script), "1024", *args, "--train.max_steps=6"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    args = [
+        *SMOKE,
+        f"--data.source={shakespeare}",
+        f"--data.dir={tmp_path / 'data'}",
+        f"--run.out_dir={tmp_path / 'run'}",
+        "--train.checkpoint_interval=3",
+    ]
+    first = subprocess.run(
+        [sys.executable, str(script), "1024", *args, "--train.max_steps=6"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert first.returncode == 0, first.stderr
     trainer = json.loads((tmp_path / "run" / "checkpoints" / "step_000006" / "trainer.json").read_text())
     saved = trainer["parts"]["scaler"]
     assert saved["scale"] == 1024 * 2**3  # grew every 2 finite steps: 6 steps
     # resumed with a fresh scaler of another initial scale: the checkpoint's scale wins and keeps growing
-    second = subprocess.run([sys.executable, str(script), "1", *args, "--train.max_steps=8"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(
+        [sys.executable, str(script), "1", *args, "--train.max_steps=8"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert second.returncode == 0 and "step_000006" in second.stderr, second.stderr
-    resumed = json.loads((tmp_path / "run" / "checkpoints" / "step_000008" / "trainer.json").read_text())["parts"]["scaler"]
+    resumed = json.loads((tmp_path / "run" / "checkpoints" / "step_000008" / "trainer.json").read_text())["parts"][
+        "scaler"
+    ]
     assert resumed["scale"] == 1024 * 2**4
 
 

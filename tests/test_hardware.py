@@ -49,7 +49,12 @@ def fake_cpu(monkeypatch, tmp_path, text: str) -> None:
     [
         (EPYC, "AMD EPYC", False, "AMD EPYC: AVX2, no AVX-512, so no bf16 instructions"),
         (XEON, "Intel(R) Xeon(R) Platinum 8480+", True, "Intel(R) Xeon(R) Platinum 8480+: AMX-BF16, AVX512-BF16"),
-        (SKYLAKE, "Intel(R) Xeon(R) Gold 6148", False, "Intel(R) Xeon(R) Gold 6148: AVX-512 without BF16, so no bf16 instructions"),
+        (
+            SKYLAKE,
+            "Intel(R) Xeon(R) Gold 6148",
+            False,
+            "Intel(R) Xeon(R) Gold 6148: AVX-512 without BF16, so no bf16 instructions",
+        ),
         (GRAVITON, None, True, ": BF16"),
     ],
 )
@@ -95,7 +100,9 @@ def test_forced_fast_bf16_gives_bf16_matmul_and_bf16_newton_schulz(monkeypatch):
     monkeypatch.setattr(hw, "_by_probe", lambda *a: pytest.fail("DIST_GPT_CPU_BF16=1 must not measure"))
     d = hw.decide(small_model(attn_impl="auto"), train_cfg(optimizer="muon"), "cpu")
     assert (d.precision, d.attn_impl, d.ns_dtype, d.warnings) == ("bf16", "matmul", torch.bfloat16, [])
-    assert d.reasons[0].startswith("precision bf16: bf16 instructions (") and d.reasons[0].endswith("treated as a CPU with fast bf16 (DIST_GPT_CPU_BF16=1))")
+    assert d.reasons[0].startswith("precision bf16: bf16 instructions (") and d.reasons[0].endswith(
+        "treated as a CPU with fast bf16 (DIST_GPT_CPU_BF16=1))"
+    )
     # explicit choices stand; SDPA at a small width keeps fp32 (bf16 SDPA's backward cancels the gain)
     d = hw.decide(small_model(attn_impl="sdpa"), train_cfg(), "cpu")
     assert (d.precision, d.attn_impl) == ("no", "sdpa") and "n_embd < 256" in d.reasons[0]
@@ -111,7 +118,10 @@ def test_no_bf16_cpu_measures_the_attention_kernel_in_fp32_only(monkeypatch, tmp
     d = hw.decide(small_model(attn_impl="auto"), train_cfg(optimizer="muon"), "cpu")
     assert seen == [(["no"], ["sdpa", "matmul"], False)]
     assert d.precision == "no" and d.ns_dtype == torch.float32 and d.attn_impl in ("sdpa", "matmul")
-    assert d.reasons[1].startswith(f"attention {d.attn_impl}: ") and "forward + backward at (4, 2, 16, 16) in fp32" in d.reasons[1]
+    assert (
+        d.reasons[1].startswith(f"attention {d.attn_impl}: ")
+        and "forward + backward at (4, 2, 16, 16) in fp32" in d.reasons[1]
+    )
 
 
 def test_probe_compares_precisions_where_bf16_may_be_native(monkeypatch, tmp_path):
@@ -126,29 +136,42 @@ def test_probe_compares_precisions_where_bf16_may_be_native(monkeypatch, tmp_pat
         return lambda: (last.update(precision=precision), run())
 
     monkeypatch.setattr(hw, "_fwd_bwd", recording_fwd_bwd)
-    monkeypatch.setattr(hw, "_seconds", lambda fn, deadline, give_up_after=float("inf"): (fn(), speed[last["precision"]])[1])
+    monkeypatch.setattr(
+        hw, "_seconds", lambda fn, deadline, give_up_after=float("inf"): (fn(), speed[last["precision"]])[1]
+    )
     d = hw.decide(small_model(attn_impl="auto"), train_cfg(optimizer="muon"), "cpu")
     assert (d.precision, d.attn_impl, d.ns_dtype) == ("bf16", "sdpa", torch.bfloat16)  # equal kernel times: sdpa
-    assert d.reasons[0].startswith("precision bf16: 2.50x fp32's speed in a ") and "AMX-BF16, AVX512-BF16" in d.reasons[0]
+    assert (
+        d.reasons[0].startswith("precision bf16: 2.50x fp32's speed in a ") and "AMX-BF16, AVX512-BF16" in d.reasons[0]
+    )
     assert d.reasons[1].startswith("attention sdpa: matmul only 1.00x its speed (needs 1.1x)")
     speed["bf16"] = 0.0095  # 1.05x: not clearly faster
     hw.cache_path().unlink()
     d = hw.decide(small_model(attn_impl="auto"), train_cfg(optimizer="muon"), "cpu")
-    assert (d.precision, d.ns_dtype) == ("no", torch.float32) and "precision fp32: bf16 only 1.05x its speed (needs 1.15x)" in d.reasons[0]
+    assert (d.precision, d.ns_dtype) == (
+        "no",
+        torch.float32,
+    ) and "precision fp32: bf16 only 1.05x its speed (needs 1.15x)" in d.reasons[0]
 
 
 def test_forced_bf16_on_a_cpu_without_bf16_warns_once_with_the_fix(monkeypatch, tmp_path):
     fake_cpu(monkeypatch, tmp_path, EPYC)
     monkeypatch.setattr(hw, "_by_probe", lambda *a: pytest.fail("emulated bf16 is not worth timing"))
     d = hw.decide(small_model(attn_impl="auto"), train_cfg(mixed_precision="bf16", optimizer="muon"), "cpu")
-    assert (d.precision, d.attn_impl, d.ns_dtype) == ("bf16", "sdpa", torch.float32)  # the user's choice stands; Muon stays fp32
+    assert (d.precision, d.attn_impl, d.ns_dtype) == (
+        "bf16",
+        "sdpa",
+        torch.float32,
+    )  # the user's choice stands; Muon stays fp32
     assert d.warnings == [
         "train.mixed_precision=bf16 on a CPU without bf16 instructions (AMD EPYC: AVX2, no AVX-512, so no bf16 instructions): "
         "bf16 is emulated, 5-15x slower than fp32 in matmuls (training and evaluation); use train.mixed_precision=auto"
     ]
     d = hw.decide(small_model(attn_impl="sdpa"), train_cfg(mixed_precision="fp16"), "cpu")  # nothing left to measure
     assert d.precision == "no" and d.reasons == ["precision fp32: set by train.mixed_precision"]
-    assert d.warnings == ["train.mixed_precision=fp16 does nothing useful on a CPU; training in fp32 (train.mixed_precision=auto picks bf16 where it is fast)"]
+    assert d.warnings == [
+        "train.mixed_precision=fp16 does nothing useful on a CPU; training in fp32 (train.mixed_precision=auto picks bf16 where it is fast)"
+    ]
 
 
 def test_probe_leaves_the_training_rng_alone(monkeypatch, tmp_path):
@@ -181,7 +204,9 @@ def test_cache_hit_miss_and_corrupt_cache(monkeypatch, tmp_path):
         assert hw.decide(model, train, "cpu").attn_impl in ("sdpa", "matmul")
     assert len(calls) == 6 and len(json.loads(hw.cache_path().read_text())["entries"]) == 1  # rewritten whole
     key = next(iter(json.loads(hw.cache_path().read_text())["entries"]))
-    hw.cache_path().write_text(json.dumps({"entries": {key: {"precision": "fp8", "attn_impl": "sdpa", "ns_dtype": "fp32", "reasons": []}}}))
+    hw.cache_path().write_text(
+        json.dumps({"entries": {key: {"precision": "fp8", "attn_impl": "sdpa", "ns_dtype": "fp32", "reasons": []}}})
+    )
     hw.decide(model, train, "cpu")
     assert len(calls) == 7  # an entry with impossible values is a miss
 
@@ -210,7 +235,9 @@ def test_no_probe_switch_measures_nothing_and_touches_no_cache(monkeypatch, tmp_
 def fake_gpu(monkeypatch, capability: tuple[int, int], name: str, emulates_bf16: bool = True) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: emulates_bf16 or capability >= (8, 0))
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: emulates_bf16 or capability >= (8, 0)
+    )
 
 
 def test_cuda_native_bf16_is_compute_capability_8(monkeypatch):
@@ -224,7 +251,9 @@ def test_cuda_v100_gets_fp16_not_emulated_bf16(monkeypatch):
     fake_gpu(monkeypatch, (7, 0), "Tesla V100-SXM2-16GB")  # torch.cuda.is_bf16_supported() says True: emulation
     d = hw.decide(small_model(attn_impl="auto"), train_cfg(optimizer="muon"), "cuda")
     assert (d.precision, d.attn_impl, d.ns_dtype, d.warnings) == ("fp16", "sdpa", torch.float32, [])
-    assert d.reasons[0].startswith("precision fp16 with loss scaling: Tesla V100-SXM2-16GB (compute capability 7.0) has no native bf16")
+    assert d.reasons[0].startswith(
+        "precision fp16 with loss scaling: Tesla V100-SXM2-16GB (compute capability 7.0) has no native bf16"
+    )
     forced = hw.decide(small_model(), train_cfg(mixed_precision="bf16"), "cuda")
     assert forced.precision == "bf16" and forced.warnings == [
         "train.mixed_precision=bf16 on Tesla V100-SXM2-16GB (compute capability 7.0): bf16 is emulated there and runs several times slower; "

@@ -58,7 +58,9 @@ def test_rows_are_left_truncated_to_the_block(run_dir):
     for row, ending in zip(rows, item.endings, strict=True):
         end = tok.encode(" " + ending)
         assert len(row.tokens) == block + 1 and row.scored == len(end) and row.tokens[-len(end) :] == end
-        assert row.tokens[: -len(end)] == tok.encode(item.context)[-(block + 1 - len(end)) :]  # the context's end survives
+        assert (
+            row.tokens[: -len(end)] == tok.encode(item.context)[-(block + 1 - len(end)) :]
+        )  # the context's end survives
     short = item_rows(Item("ab", ["cd"], 0), tok, BLOCK)[0]
     assert short.tokens == tok.encode("ab cd") and short.scored == 3
     long_end = item_rows(Item("a", ["b" * 100], 0), tok, BLOCK)[0]
@@ -92,7 +94,9 @@ def test_the_transformers_export_makes_the_same_choices(run_dir, tmp_path):
     run = load_run(run_dir)
     items = read_items(FIXTURE)
     ours = predict(lambda x: run.model(x)[0], items, run.tokenizer, BLOCK, batch_size=8)
-    assert predict(lambda x: run.model(x)[0], items, run.tokenizer, BLOCK, batch_size=1) == ours  # batching changes nothing
+    assert (
+        predict(lambda x: run.model(x)[0], items, run.tokenizer, BLOCK, batch_size=1) == ours
+    )  # batching changes nothing
     export_hf(run_dir, tmp_path / "hf", log=lambda _m: None)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
@@ -105,7 +109,18 @@ def test_cli_reports_accuracy(run_dir):
     run = load_run(run_dir)
     items = read_items(FIXTURE)
     acc, acc_norm = accuracy(items, predict(lambda x: run.model(x)[0], items, run.tokenizer, BLOCK))
-    out = run_script("evaluate.py", "--run", str(run_dir), "--task", "hellaswag", "--data", str(FIXTURE), "--batch_size", "5", "--json")
+    out = run_script(
+        "evaluate.py",
+        "--run",
+        str(run_dir),
+        "--task",
+        "hellaswag",
+        "--data",
+        str(FIXTURE),
+        "--batch_size",
+        "5",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert (result["items"], result["acc"], result["acc_norm"]) == (10, acc, acc_norm)
@@ -119,11 +134,19 @@ def test_bad_files(tmp_path):
         "not json": ("{", "x.jsonl:2 is not valid JSON"),
         "a list": ("[1]", "x.jsonl:2 is [1], not a JSON object"),
         "no context": (json.dumps({"endings": ["a", "b"], "label": 0}), "has no text in 'ctx'"),
-        "one ending": (json.dumps({"ctx": "c", "endings": ["a"], "label": 0}), "'endings' must be a list of at least two strings"),
-        "label a bool": (json.dumps({"ctx": "c", "endings": ["a", "b"], "label": True}), "'label' must be the index of the right ending, 0 to 1, got True"),
+        "one ending": (
+            json.dumps({"ctx": "c", "endings": ["a"], "label": 0}),
+            "'endings' must be a list of at least two strings",
+        ),
+        "label a bool": (
+            json.dumps({"ctx": "c", "endings": ["a", "b"], "label": True}),
+            "'label' must be the index of the right ending, 0 to 1, got True",
+        ),
     }
     for what, (line, message) in cases.items():
-        (tmp_path / "x.jsonl").write_text(json.dumps({"ctx": "c", "endings": ["a", "b"], "label": "1"}) + "\n" + line + "\n")
+        (tmp_path / "x.jsonl").write_text(
+            json.dumps({"ctx": "c", "endings": ["a", "b"], "label": "1"}) + "\n" + line + "\n"
+        )
         with pytest.raises(UserError) as e:
             read_items(tmp_path / "x.jsonl")
         assert message in str(e.value), what  # line 1 (a label given as text) is fine

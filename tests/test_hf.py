@@ -25,7 +25,9 @@ ODD = "Héllo, wörld!\n\n  tabs\tand ÿ 漢字 😀 the end"
 def make_run(run_dir: Path, tokenizer: Tokenizer, **model: object) -> GPT:
     """A run directory as pretrain leaves it (config.yaml, tokenizer.json, model.safetensors), with random non-zero weights."""
     cfg = Config()
-    cfg.model = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=16, dropout=0.0, **model)
+    cfg.model = GPTConfig(
+        vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=16, dropout=0.0, **model
+    )
     torch.manual_seed(0)
     gpt = GPT(cfg.model)
     with torch.no_grad():
@@ -75,19 +77,32 @@ def test_export_char_run_loads_in_transformers(tmp_path, text):
         "tokenizer_config.json",
     ]
     config = json.loads((out / "config.json").read_text())
-    assert (config["n_positions"], config["n_inner"], config["activation_function"], config["tie_word_embeddings"]) == (32, 64, "gelu_new", True)
-    assert config["bos_token_id"] is None and config["eos_token_id"] is None  # a char vocabulary has no end-of-text token
+    assert (config["n_positions"], config["n_inner"], config["activation_function"], config["tie_word_embeddings"]) == (
+        32,
+        64,
+        "gelu_new",
+        True,
+    )
+    assert (
+        config["bos_token_id"] is None and config["eos_token_id"] is None
+    )  # a char vocabulary has no end-of-text token
 
     hf_tok = AutoTokenizer.from_pretrained(out)
     sample = text[5000:5020]
     ids = tok.encode(sample)
     assert hf_tok(sample)["input_ids"] == ids
     assert hf_tok.decode(ids) == sample
-    assert hf_tok("a~b")["input_ids"] == tok.encode("a b")  # '~' is not in the vocabulary: replaced, as data.unknown=replace
+    assert hf_tok("a~b")["input_ids"] == tok.encode(
+        "a b"
+    )  # '~' is not in the vocabulary: replaced, as data.unknown=replace
     assert_same_model(gpt, out, ids)
 
     again = run_script("export_hf.py", "--run", str(tmp_path / "run"), "--out", str(out))
-    assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].startswith("error:") and "--overwrite" in again.stderr
+    assert (
+        again.returncode == 2
+        and again.stderr.strip().splitlines()[-1].startswith("error:")
+        and "--overwrite" in again.stderr
+    )
 
 
 @pytest.mark.parametrize(
@@ -146,7 +161,9 @@ def test_export_never_writes_into_a_folder_it_did_not_create(tmp_path, text):
     for extra in ([], ["--overwrite"]):
         with pytest.raises(UserError, match="already holds files that no export wrote"):
             main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "hf"), *extra])
-    assert [p.name for p in (tmp_path / "hf").iterdir()] == ["notes.txt"] and (tmp_path / "hf" / "notes.txt").read_text() == "mine"
+    assert [p.name for p in (tmp_path / "hf").iterdir()] == ["notes.txt"] and (
+        tmp_path / "hf" / "notes.txt"
+    ).read_text() == "mine"
     (tmp_path / "empty").mkdir()  # an empty folder is fine
     main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "empty")])
     assert (tmp_path / "empty" / "model.safetensors").is_file()
@@ -161,7 +178,15 @@ def test_import_random_gpt2(tmp_path, bpe, tied):
     """A randomly initialised GPT2LMHeadModel saved locally maps onto GPT: same logits, same tokenizer."""
     torch.manual_seed(1)
     config = GPT2Config(
-        vocab_size=bpe.vocab_size, n_positions=24, n_embd=16, n_layer=2, n_head=4, n_inner=48, tie_word_embeddings=tied, bos_token_id=None, eos_token_id=None
+        vocab_size=bpe.vocab_size,
+        n_positions=24,
+        n_embd=16,
+        n_layer=2,
+        n_head=4,
+        n_inner=48,
+        tie_word_embeddings=tied,
+        bos_token_id=None,
+        eos_token_id=None,
     )
     hf_model = GPT2LMHeadModel(config).eval()
     with torch.no_grad():
@@ -171,7 +196,15 @@ def test_import_random_gpt2(tmp_path, bpe, tied):
     PreTrainedTokenizerFast(tokenizer_object=bpe.to_hf()).save_pretrained(tmp_path / "gpt2")
 
     cfg, state, tok = load_hf_gpt2(f"hf:{tmp_path / 'gpt2'}")
-    assert (cfg.block_size, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.mlp_ratio, cfg.tie_weights, cfg.vocab_size) == (24, 16, 2, 4, 3, tied, bpe.vocab_size)
+    assert (cfg.block_size, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.mlp_ratio, cfg.tie_weights, cfg.vocab_size) == (
+        24,
+        16,
+        2,
+        4,
+        3,
+        tied,
+        bpe.vocab_size,
+    )
     assert isinstance(tok, BPETokenizer) and tok.encode(ODD) == bpe.encode(ODD) and tok.decode(tok.encode(ODD)) == ODD
     ours = GPT(cfg)
     ours.load_state_dict(state)  # strict
@@ -195,7 +228,9 @@ def test_export_then_import_is_the_identity(tmp_path, text):
 
 
 def test_import_errors(tmp_path, bpe):
-    with pytest.raises(UserError, match="could not be downloaded.*hf:DIR"):  # HF_HUB_OFFLINE=1 (conftest): one clear error, no network
+    with pytest.raises(
+        UserError, match="could not be downloaded.*hf:DIR"
+    ):  # HF_HUB_OFFLINE=1 (conftest): one clear error, no network
         load_hf_gpt2("hf:someone/not-a-local-model")
     with pytest.raises(UserError, match="no such model folder"):
         load_hf_gpt2(f"hf:{tmp_path / 'missing' / 'dir'}")
@@ -206,19 +241,30 @@ def test_import_errors(tmp_path, bpe):
         load_hf_gpt2(f"hf:{tmp_path / 'llama'}")
 
     variant = GPT2Config(
-        vocab_size=bpe.vocab_size, n_positions=8, n_embd=8, n_layer=1, n_head=2, activation_function="gelu_fast", scale_attn_by_inverse_layer_idx=True
+        vocab_size=bpe.vocab_size,
+        n_positions=8,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        activation_function="gelu_fast",
+        scale_attn_by_inverse_layer_idx=True,
     )
     variant.save_pretrained(tmp_path / "variant")
     with pytest.raises(UserError, match="activation_function=.gelu_fast.*scale_attn_by_inverse_layer_idx"):
         load_hf_gpt2(f"hf:{tmp_path / 'variant'}")
 
-    GPT2Config(vocab_size=bpe.vocab_size, n_positions=8, n_embd=8, n_layer=1, n_head=2).save_pretrained(tmp_path / "noweights")
+    GPT2Config(vocab_size=bpe.vocab_size, n_positions=8, n_embd=8, n_layer=1, n_head=2).save_pretrained(
+        tmp_path / "noweights"
+    )
     PreTrainedTokenizerFast(tokenizer_object=bpe.to_hf()).save_pretrained(tmp_path / "noweights")
     with pytest.raises(UserError, match="no .safetensors weights"):
         load_hf_gpt2(f"hf:{tmp_path / 'noweights'}")
 
 
-@pytest.mark.parametrize("weights", ["pytorch_model.bin", "model.pt", "model.pth", "model.ckpt", "weights.pkl", "pytorch_model.bin.index.json"])
+@pytest.mark.parametrize(
+    "weights",
+    ["pytorch_model.bin", "model.pt", "model.pth", "model.ckpt", "weights.pkl", "pytorch_model.bin.index.json"],
+)
 def test_import_refuses_pickled_weights_by_name(tmp_path, bpe, weights):
     """A folder whose weights are pickle files is refused before anything reads them (the file here would fail to unpickle)."""
     folder = tmp_path / "pickled"
@@ -233,7 +279,10 @@ def test_import_refuses_an_index_pointing_to_pickles(tmp_path, bpe):
     folder = tmp_path / "sharded"
     GPT2Config(vocab_size=bpe.vocab_size, n_positions=8, n_embd=8, n_layer=1, n_head=2).save_pretrained(folder)
     PreTrainedTokenizerFast(tokenizer_object=bpe.to_hf()).save_pretrained(folder)
-    index = {"metadata": {}, "weight_map": {"transformer.wte.weight": "model-00001.bin", "lm_head.weight": "model-00002.safetensors"}}
+    index = {
+        "metadata": {},
+        "weight_map": {"transformer.wte.weight": "model-00001.bin", "lm_head.weight": "model-00002.safetensors"},
+    }
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(UserError, match="points to model-00001.bin: dist_gpt reads weights from safetensors files"):
         load_hf_gpt2(f"hf:{folder}")
@@ -242,13 +291,17 @@ def test_import_refuses_an_index_pointing_to_pickles(tmp_path, bpe):
 def test_import_reads_sharded_safetensors(tmp_path, bpe):
     """save_pretrained's shards and index: the same weights as one file."""
     torch.manual_seed(2)
-    config = GPT2Config(vocab_size=bpe.vocab_size, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=None, eos_token_id=None)
+    config = GPT2Config(
+        vocab_size=bpe.vocab_size, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=None, eos_token_id=None
+    )
     hf_model = GPT2LMHeadModel(config).eval()
     hf_model.save_pretrained(tmp_path / "one")
     hf_model.save_pretrained(tmp_path / "shards", max_shard_size="20KB")
     for folder in ("one", "shards"):
         PreTrainedTokenizerFast(tokenizer_object=bpe.to_hf()).save_pretrained(tmp_path / folder)
-    assert (tmp_path / "shards" / "model.safetensors.index.json").is_file() and not (tmp_path / "shards" / "model.safetensors").exists()
+    assert (tmp_path / "shards" / "model.safetensors.index.json").is_file() and not (
+        tmp_path / "shards" / "model.safetensors"
+    ).exists()
     _, one, _ = load_hf_gpt2(f"hf:{tmp_path / 'one'}")
     _, shards, _ = load_hf_gpt2(f"hf:{tmp_path / 'shards'}")
     assert one.keys() == shards.keys() and all(torch.equal(one[k], shards[k]) for k in one)
@@ -256,7 +309,16 @@ def test_import_reads_sharded_safetensors(tmp_path, bpe):
 
 def test_finetune_from_a_local_hf_folder(tmp_path, bpe, shakespeare):
     """`--finetune.init_from=hf:PATH` end to end: the finetune starts from the HF weights and trains."""
-    config = GPT2Config(vocab_size=bpe.vocab_size, n_positions=32, n_embd=16, n_layer=2, n_head=2, bos_token_id=None, eos_token_id=None, resid_pdrop=0.0)
+    config = GPT2Config(
+        vocab_size=bpe.vocab_size,
+        n_positions=32,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=None,
+        eos_token_id=None,
+        resid_pdrop=0.0,
+    )
     GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
     PreTrainedTokenizerFast(tokenizer_object=bpe.to_hf()).save_pretrained(tmp_path / "gpt2")
     parent_cfg, parent_state, _ = load_hf_gpt2(f"hf:{tmp_path / 'gpt2'}")
@@ -278,7 +340,11 @@ def test_finetune_from_a_local_hf_folder(tmp_path, bpe, shakespeare):
     )
     assert result.returncode == 0, result.stderr
     run = load_run(tmp_path / "ft")
-    assert run.config.model == dataclasses.replace(parent_cfg, attn_impl=run.config.model.attn_impl)  # the kernel: chosen on this machine
-    assert run.tokenizer.encode(ODD) == bpe.encode(ODD)  # the folder's tokenizer.json (save_pretrained adds a no-op post-processor)
+    assert run.config.model == dataclasses.replace(
+        parent_cfg, attn_impl=run.config.model.attn_impl
+    )  # the kernel: chosen on this machine
+    assert run.tokenizer.encode(ODD) == bpe.encode(
+        ODD
+    )  # the folder's tokenizer.json (save_pretrained adds a no-op post-processor)
     trained = run.model.state_dict()
     assert trained.keys() == parent_state.keys() and any(not torch.equal(trained[k], parent_state[k]) for k in trained)

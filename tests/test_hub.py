@@ -37,14 +37,32 @@ def make_run(run_dir: Path, records: bool = True) -> Path:
     save_weights(GPT(cfg.model).state_dict(), run_dir / "model.safetensors")
     if records:
         (run_dir / "summary.json").write_text(
-            json.dumps({"steps": 20, "tokens_seen": 5120, "final_val_loss": 2.5, "best_val_loss": 2.25, "wall_s": 1.5, "world_size": 1})
+            json.dumps(
+                {
+                    "steps": 20,
+                    "tokens_seen": 5120,
+                    "final_val_loss": 2.5,
+                    "best_val_loss": 2.25,
+                    "wall_s": 1.5,
+                    "world_size": 1,
+                }
+            )
         )
-        rows = [{"step": s, "tokens": 256 * s, "train_loss": 3.0 - s / 20} for s in range(1, 21)] + [{"step": 20, "tokens": 5120, "val_loss": 2.5}]
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 21, "tok')  # a torn last line
-        samples = [{"step": 10, "prompt": "\n", "text": "old sample"}, {"step": 20, "prompt": "ROMEO:", "text": " soft ```light``` | breaks"}]
+        rows = [{"step": s, "tokens": 256 * s, "train_loss": 3.0 - s / 20} for s in range(1, 21)] + [
+            {"step": 20, "tokens": 5120, "val_loss": 2.5}
+        ]
+        (run_dir / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 21, "tok'
+        )  # a torn last line
+        samples = [
+            {"step": 10, "prompt": "\n", "text": "old sample"},
+            {"step": 20, "prompt": "ROMEO:", "text": " soft ```light``` | breaks"},
+        ]
         (run_dir / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
         (run_dir.parent / "data").mkdir(exist_ok=True)
-        (run_dir.parent / "data" / "meta.json").write_text(json.dumps({"fingerprint": FINGERPRINT, "tokens": {"train": 900, "val": 100}}))
+        (run_dir.parent / "data" / "meta.json").write_text(
+            json.dumps({"fingerprint": FINGERPRINT, "tokens": {"train": 900, "val": 100}})
+        )
     return run_dir
 
 
@@ -120,7 +138,11 @@ def test_push_uploads_the_export(tmp_path, hub, capsys):
     assert [name for name, _ in hub.calls] == ["create_repo", "upload_folder"]
     assert hub.calls[0][1] == {"repo_id": "someone/tiny-gpt", "repo_type": "model", "exist_ok": True}
     upload = hub.calls[1][1]
-    assert upload["repo_id"] == "someone/tiny-gpt" and upload["repo_type"] == "model" and Path(upload["folder_path"]) == out
+    assert (
+        upload["repo_id"] == "someone/tiny-gpt"
+        and upload["repo_type"] == "model"
+        and Path(upload["folder_path"]) == out
+    )
     assert upload["ignore_patterns"] == [EXPORT_MARKER]
     assert upload["files"] == [
         "README.md",
@@ -146,10 +168,13 @@ def test_push_offline_is_one_clear_error(tmp_path, monkeypatch):
 
 
 def test_push_failure_is_one_clear_error(tmp_path, hub):
-    hub.fail = LocalTokenNotFoundError("Token is required, but no token found. Log in with `hf auth login`.\nmore detail")  # not logged in
+    hub.fail = LocalTokenNotFoundError(
+        "Token is required, but no token found. Log in with `hf auth login`.\nmore detail"
+    )  # not logged in
     out = export_hf(make_run(tmp_path / "run"), tmp_path / "hf", log=lambda _m: None)
     with pytest.raises(
-        UserError, match=r"uploading to the Hub repository someone/tiny failed \(Token is required, but no token found.*\): the export is complete in"
+        UserError,
+        match=r"uploading to the Hub repository someone/tiny failed \(Token is required, but no token found.*\): the export is complete in",
     ):
         push_to_hub(out, "someone/tiny")
 
@@ -172,7 +197,9 @@ def test_overwrite_replaces_only_an_earlier_export(tmp_path):
         export_hf(run, out, log=lambda _m: None)
     assert (out / "stale.txt").is_file()
     export_hf(run, out, overwrite=True, log=lambda _m: None)
-    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file() and (out / EXPORT_MARKER).is_file()
+    assert (
+        not (out / "stale.txt").exists() and (out / "model.safetensors").is_file() and (out / EXPORT_MARKER).is_file()
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "hf", "run"]  # no temporary folders left
 
 

@@ -66,22 +66,38 @@ def test_each_rung_adds_one_idea(scale):
     assert cfgs["01_bigram"].model.kind == "bigram"
     two = cfgs["02_self_attention"].model
     assert (two.kind, two.n_layer, two.n_head, two.n_embd, two.block_size, two.dropout) == ("gpt", 1, 1, 32, 8, 0.0)
-    assert (two.mlp, two.residual, two.layernorm, two.activation, two.tie_weights) == (False, False, False, "relu", False)
+    assert (two.mlp, two.residual, two.layernorm, two.activation, two.tie_weights) == (
+        False,
+        False,
+        False,
+        "relu",
+        False,
+    )
     names = [r.name for r in RUNGS]
     for before, after in zip(names[1:-2], names[2:-1], strict=True):
         assert model_diff(cfgs[before], cfgs[after]) == ADDS[after], after
     assert model_diff(cfgs["06_layernorm"], cfgs["07_dropout_scaled"]) == SCALED[scale]
     for cfg in cfgs.values():  # one corpus and tokenizer for every rung, so the val losses compare
-        assert (cfg.data.name, cfg.data.tokenizer, cfg.data.sha256) == ("shakespeare_char", "char", cfgs["01_bigram"].data.sha256)
+        assert (cfg.data.name, cfg.data.tokenizer, cfg.data.sha256) == (
+            "shakespeare_char",
+            "char",
+            cfgs["01_bigram"].data.sha256,
+        )
 
 
 def test_cpu_scale_gives_every_rung_the_same_time_and_the_lecture_models():
     for rung in RUNGS:
         cpu, lecture = rung_cfg(rung.name, "cpu"), rung_cfg(rung.name, "lecture")
-        assert cpu.train.time_budget_s == 150 and cpu.train.max_steps >= 10**6  # the clock, not the step count, ends a CPU rung
-        assert lecture.train.time_budget_s == 0 and lecture.train.max_steps == (3000 if rung.name == "01_bigram" else 5000)
+        assert (
+            cpu.train.time_budget_s == 150 and cpu.train.max_steps >= 10**6
+        )  # the clock, not the step count, ends a CPU rung
+        assert lecture.train.time_budget_s == 0 and lecture.train.max_steps == (
+            3000 if rung.name == "01_bigram" else 5000
+        )
         assert lecture.train.lr_decay == "constant" and lecture.train.warmup_steps == 0  # the lecture's plain AdamW
-        assert cpu.out_dir == Path("runs/lecture_cpu") / rung.name and lecture.out_dir == Path("runs/lecture") / rung.name
+        assert (
+            cpu.out_dir == Path("runs/lecture_cpu") / rung.name and lecture.out_dir == Path("runs/lecture") / rung.name
+        )
         if rung.name != "07_dropout_scaled":
             assert cpu.model == lecture.model
     big = rung_cfg("07_dropout_scaled", "lecture")
@@ -91,7 +107,10 @@ def test_cpu_scale_gives_every_rung_the_same_time_and_the_lecture_models():
 def test_parameter_counts():
     assert count_params(rung_cfg("01_bigram", "cpu", "--model.vocab_size=65").model) == 65 * 65
     # embeddings 65x32 + 8x32, q,k,v 32x96 + 96, projection 32x32 + 32, untied head 32x65
-    assert count_params(rung_cfg("02_self_attention", "cpu", "--model.vocab_size=65").model) == 2080 + 256 + 3168 + 1056 + 2080
+    assert (
+        count_params(rung_cfg("02_self_attention", "cpu", "--model.vocab_size=65").model)
+        == 2080 + 256 + 3168 + 1056 + 2080
+    )
     # The lecture prints 10.788929M: its q, k, v have no bias (ours: 6 x 3 x 384 more) and its head has one (65 fewer)
     big = rung_cfg("07_dropout_scaled", "lecture", "--model.vocab_size=65").model
     assert count_params(big) == 10_788_929 + 6 * 3 * 384 - 65
@@ -118,7 +137,9 @@ def test_every_rung_trains_three_steps(rung, scale, tmp_path, shakespeare, reset
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 3]
     result = read_result(rung, out)
-    assert result.final["step"] == 3 and result.params == count_params(rung_cfg(rung.name, scale, "--model.vocab_size=65").model)
+    assert result.final["step"] == 3 and result.params == count_params(
+        rung_cfg(rung.name, scale, "--model.vocab_size=65").model
+    )
     assert is_finished(out, rung_cfg(rung.name, scale, "--train.max_steps=3"))
     assert not is_finished(out, rung_cfg(rung.name, scale, "--train.max_steps=4", "--train.time_budget_s=0"))
 
@@ -132,14 +153,23 @@ def fake_run(run_dir: Path, rung: str, evals: list[tuple[int, float, float]], sa
     save_config(rung_cfg(rung, "cpu", "--model.vocab_size=65"), run_dir / "config.yaml")
     lines = []
     for step, elapsed, val in evals:
-        lines.append({"step": step, "train_loss": 9.0, "lr": 1e-3, "tokens": step * 256, "elapsed_s": elapsed})  # a log line between evaluations
-        lines.append({"step": step, "tokens": step * 256, "elapsed_s": elapsed, "eval_train_loss": val - 0.05, "val_loss": val})
+        lines.append(
+            {"step": step, "train_loss": 9.0, "lr": 1e-3, "tokens": step * 256, "elapsed_s": elapsed}
+        )  # a log line between evaluations
+        lines.append(
+            {"step": step, "tokens": step * 256, "elapsed_s": elapsed, "eval_train_loss": val - 0.05, "val_loss": val}
+        )
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     (run_dir / "samples.jsonl").write_text(json.dumps({"step": evals[-1][0], "prompt": "\n", "text": sample}) + "\n")
 
 
 def test_table_from_fake_metrics(tmp_path):
-    fake_run(tmp_path / "01_bigram", "01_bigram", [(0, 0.0, 4.17), (1000, 75.0, 2.6), (40000, 150.04, 2.4871)], "\nFirst bigram")
+    fake_run(
+        tmp_path / "01_bigram",
+        "01_bigram",
+        [(0, 0.0, 4.17), (1000, 75.0, 2.6), (40000, 150.04, 2.4871)],
+        "\nFirst bigram",
+    )
     fake_run(tmp_path / "02_self_attention", "02_self_attention", [(0, 0.0, 4.17), (20000, 150.4, 2.3304)], "\nROMEO:")
     fake_run(tmp_path / "03_multi_head", "03_multi_head", [(0, 0.0, 4.17), (19000, 151.2, 2.3312)], "\nJULIET:")
     results = [read_result(r, tmp_path / r.name) for r in RUNGS[:3]]
@@ -148,8 +178,14 @@ def test_table_from_fake_metrics(tmp_path):
     assert COLUMNS == ("step", "adds", "model", "params", "train steps", "val loss", "change", "lecture", "time (s)")
     assert lines[1].count("|") == len(COLUMNS) + 1
     assert lines[2] == "| 01_bigram | bigram lookup table | 65x65 table | 4,225 | 40,000 | 2.487 |  | 2.49 | 150 |"
-    assert lines[3] == "| 02_self_attention | one self-attention head, 8-char context | 1L 1H 32d, ctx 8 | 8,640 | 20,000 | 2.330 | -0.157 | 2.40 | 150 |"
-    assert lines[4] == "| 03_multi_head | 4 heads instead of 1 | 1L 4H 32d, ctx 8 | 8,640 | 19,000 | 2.331 | +0.001 (no gain) | 2.28 | 151 |"
+    assert (
+        lines[3]
+        == "| 02_self_attention | one self-attention head, 8-char context | 1L 1H 32d, ctx 8 | 8,640 | 20,000 | 2.330 | -0.157 | 2.40 | 150 |"
+    )
+    assert (
+        lines[4]
+        == "| 03_multi_head | 4 heads instead of 1 | 1L 4H 32d, ctx 8 | 8,640 | 19,000 | 2.331 | +0.001 (no gain) | 2.28 | 151 |"
+    )
     assert len(lines) == 5
     assert [(a.rung.name, b.rung.name) for a, b in stalled(results)] == [("02_self_attention", "03_multi_head")]
     page = report_text(results, "cpu")
@@ -197,8 +233,14 @@ def test_ladder_script_trains_reports_and_skips_finished_rungs(tmp_path, shakesp
     first = run_script("ladder.py", *args)
     assert first.returncode == 0, first.stderr
     table = first.stdout.strip().splitlines()
-    assert table[0].startswith("| step | adds |") and [line.split(" | ")[0] for line in table[2:]] == ["| 01_bigram", "| 07_dropout_scaled"]
-    assert "[1/2] 01_bigram: bigram lookup table" in first.stderr and "[2/2] 07_dropout_scaled: scaled up, dropout" in first.stderr
+    assert table[0].startswith("| step | adds |") and [line.split(" | ")[0] for line in table[2:]] == [
+        "| 01_bigram",
+        "| 07_dropout_scaled",
+    ]
+    assert (
+        "[1/2] 01_bigram: bigram lookup table" in first.stderr
+        and "[2/2] 07_dropout_scaled: scaled up, dropout" in first.stderr
+    )
     for rung in ("01_bigram", "07_dropout_scaled"):
         assert json.loads((tmp_path / "out" / rung / "summary.json").read_text())["steps"] == 3
     assert "| 07_dropout_scaled |" in (tmp_path / "out" / "ladder.md").read_text()
@@ -207,9 +249,14 @@ def test_ladder_script_trains_reports_and_skips_finished_rungs(tmp_path, shakesp
     before = (tmp_path / "out" / "01_bigram" / "model.safetensors").read_bytes()
     again = run_script("ladder.py", *args)
     assert again.returncode == 0, again.stderr
-    assert "01_bigram: finished earlier, skipping" in again.stderr and "07_dropout_scaled: finished earlier, skipping" in again.stderr
+    assert (
+        "01_bigram: finished earlier, skipping" in again.stderr
+        and "07_dropout_scaled: finished earlier, skipping" in again.stderr
+    )
     assert "world size" not in again.stderr  # no pretrain started
-    assert again.stdout == first.stdout and (tmp_path / "out" / "01_bigram" / "model.safetensors").read_bytes() == before
+    assert (
+        again.stdout == first.stdout and (tmp_path / "out" / "01_bigram" / "model.safetensors").read_bytes() == before
+    )
 
 
 def test_a_typo_stops_the_ladder_before_any_training(tmp_path):

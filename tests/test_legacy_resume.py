@@ -32,7 +32,10 @@ def test_format1_checkpoint_is_read_as_parts():
     parts = read_parts(step4)
     assert parts["train"]["step"] == 4 and parts["loader"]["position"] == 4 * 4
     assert set(parts["model"]) == set(load_file(FIXTURE / "reference" / "model.safetensors"))
-    assert all(set(slots) for slots in parts["optimizer"]["state"].values()) and len(parts["optimizer"]["param_groups"]) == 3  # AdamW x2, Muon
+    assert (
+        all(set(slots) for slots in parts["optimizer"]["state"].values())
+        and len(parts["optimizer"]["param_groups"]) == 3
+    )  # AdamW x2, Muon
     assert isinstance(parts["rng"]["torch"], torch.Tensor)
 
 
@@ -41,7 +44,12 @@ def test_format1_checkpoint_resumes_bit_exactly(tmp_path, shakespeare):
     shutil.copytree(FIXTURE / "run", run_dir)
     # the old code ran Muon's Newton-Schulz in bf16 and the sdpa kernel on every machine: decide as it did
     out = run_script(
-        "pretrain.py", *ARGS, "--model.attn_impl=sdpa", f"--data.source={shakespeare}", f"--data.dir={tmp_path / 'data'}", f"--run.out_dir={run_dir}",
+        "pretrain.py",
+        *ARGS,
+        "--model.attn_impl=sdpa",
+        f"--data.source={shakespeare}",
+        f"--data.dir={tmp_path / 'data'}",
+        f"--run.out_dir={run_dir}",
         env={"DIST_GPT_CPU_BF16": "1"},
     )
     assert out.returncode == 0, out.stderr
@@ -49,9 +57,13 @@ def test_format1_checkpoint_resumes_bit_exactly(tmp_path, shakespeare):
     expected = load_file(FIXTURE / "reference" / "model.safetensors")
     got = load_file(run_dir / "model.safetensors")
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
-    reference = {r["step"]: r for r in map(json.loads, (FIXTURE / "reference" / "metrics.jsonl").read_text().splitlines())}
+    reference = {
+        r["step"]: r for r in map(json.loads, (FIXTURE / "reference" / "metrics.jsonl").read_text().splitlines())
+    }
     resumed = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in resumed] == list(range(5, 9))  # the old run kept no metrics.jsonl: only the resumed steps
+    assert [r["step"] for r in resumed] == list(
+        range(5, 9)
+    )  # the old run kept no metrics.jsonl: only the resumed steps
     for r in resumed:
         assert r["train_loss"] == reference[r["step"]]["train_loss"]
         if "val_loss" in r:

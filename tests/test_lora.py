@@ -23,7 +23,13 @@ from dist_gpt.stages import check_finetune_resume
 from dist_gpt.tokenizers import train_tokenizer
 
 SHAPE = GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu.yaml")]
+ACCELERATE = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--config_file",
+    str(REPO / "configs/accelerate/cpu.yaml"),
+]
 
 
 def randomize_adapters(model: torch.nn.Module) -> None:
@@ -53,7 +59,9 @@ def test_merge_gives_the_live_models_logits_and_changes_nothing():
     base = GPT(SHAPE)
     plain_keys = set(base.state_dict())
     model = lora.attach(base, rank=4, alpha=8.0, dropout=0.0).eval()
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n, _ in model.named_parameters() if ".lora_" in n}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if ".lora_" in n
+    }
     randomize_adapters(model)
     live = {k: v.clone() for k, v in model.state_dict().items()}
     merged = lora.merged_state_dict(model.state_dict(), scale=8.0 / 4)
@@ -79,7 +87,9 @@ def lora_args(parent: Path, tmp_path: Path, sonnets: Path, name: str, *extra: st
 def check_lora_run(parent: Path, run_dir: Path) -> None:
     """Only adapters moved; model.safetensors is their merge; adapter.safetensors holds them alone."""
     base = load_file(parent / "model.safetensors")
-    trained = load_file(list_checkpoints(run_dir / "checkpoints")[0] / "model.safetensors")  # the training module: base layers + adapters
+    trained = load_file(
+        list_checkpoints(run_dir / "checkpoints")[0] / "model.safetensors"
+    )  # the training module: base layers + adapters
     adapters = {k for k in trained if ".lora_" in k}
     assert len(adapters) == 2 * 4 * SHAPE.n_layer  # A and B for c_attn, attn.c_proj, c_fc, mlp.c_proj
     for key, w in trained.items():
@@ -90,7 +100,9 @@ def check_lora_run(parent: Path, run_dir: Path) -> None:
     merged = load_file(run_dir / "model.safetensors")
     expected = lora.merged_state_dict(trained, scale=16.0 / 4)
     assert merged.keys() == base.keys() and all(torch.equal(merged[k], v) for k, v in expected.items())
-    assert {k for k in base if not torch.equal(merged[k], base[k])} == {k for k in base if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))}
+    assert {k for k in base if not torch.equal(merged[k], base[k])} == {
+        k for k in base if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
+    }
     live = lora.attach(GPT(SHAPE), rank=4, alpha=16.0, dropout=0.1).eval()
     live.load_state_dict(trained)
     x = torch.randint(0, 65, (3, 32), generator=torch.Generator().manual_seed(2))
@@ -100,7 +112,16 @@ def check_lora_run(parent: Path, run_dir: Path) -> None:
     adapter = load_file(run_dir / "adapter.safetensors")
     assert adapter.keys() == adapters and all(torch.equal(adapter[k], trained[k]) for k in adapters)
     config = json.loads((run_dir / "adapter_config.json").read_text())
-    assert config == {"kind": "lora", "rank": 4, "alpha": 16.0, "scale": 4.0, "dropout": 0.1, "target_modules": ["c_attn", "c_proj", "c_fc"], "adapter_name": "default", "base": str(parent)}
+    assert config == {
+        "kind": "lora",
+        "rank": 4,
+        "alpha": 16.0,
+        "scale": 4.0,
+        "dropout": 0.1,
+        "target_modules": ["c_attn", "c_proj", "c_fc"],
+        "adapter_name": "default",
+        "base": str(parent),
+    }
 
 
 def test_lora_run_trains_adapters_exports_merged_and_resumes_exactly(parent, tmp_path, sonnets):
@@ -119,12 +140,22 @@ def test_lora_run_trains_adapters_exports_merged_and_resumes_exactly(parent, tmp
     assert {name: (run_dir / name).read_bytes() for name in first} == first
 
     # the same directory with other LoRA settings cannot resume it
-    for extra, ok in ((["--finetune.lora_rank=4"], True), (["--finetune.lora_rank=8"], False), (["--finetune.lora_rank=0"], False)):
-        cfg = load_config("configs/finetune_sonnets.yaml", [f"--finetune.init_from={parent}", "--finetune.lora_dropout=0.1", *extra], "finetune")
+    for extra, ok in (
+        (["--finetune.lora_rank=4"], True),
+        (["--finetune.lora_rank=8"], False),
+        (["--finetune.lora_rank=0"], False),
+    ):
+        cfg = load_config(
+            "configs/finetune_sonnets.yaml",
+            [f"--finetune.init_from={parent}", "--finetune.lora_dropout=0.1", *extra],
+            "finetune",
+        )
         if ok:
             check_finetune_resume(cfg, RunDir(path=run_dir, stage="finetune", resume_from=run_dir))
         else:
-            with pytest.raises(UserError, match=f"holds a finetune with finetune.lora_rank=4 and this command asks for {extra[0][-1]}"):
+            with pytest.raises(
+                UserError, match=f"holds a finetune with finetune.lora_rank=4 and this command asks for {extra[0][-1]}"
+            ):
                 check_finetune_resume(cfg, RunDir(path=run_dir, stage="finetune", resume_from=run_dir))
 
 
@@ -133,15 +164,22 @@ def test_lora_under_two_process_ddp(parent, tmp_path, sonnets):
     from test_pretrain import free_port
 
     launcher = [*ACCELERATE, "--main_process_port", str(free_port())]
-    out = run_script("finetune.py", *lora_args(parent, tmp_path, sonnets, "run"), launcher=launcher, env={"OMP_NUM_THREADS": "1"})
+    out = run_script(
+        "finetune.py", *lora_args(parent, tmp_path, sonnets, "run"), launcher=launcher, env={"OMP_NUM_THREADS": "1"}
+    )
     assert out.returncode == 0, out.stderr
-    assert "world size 2 (MULTI_CPU, DistributedDataParallel)" in out.stderr and "weights identical on all 2 ranks" in out.stderr
+    assert (
+        "world size 2 (MULTI_CPU, DistributedDataParallel)" in out.stderr
+        and "weights identical on all 2 ranks" in out.stderr
+    )
     run_dir = tmp_path / "run"
     check_lora_run(parent, run_dir)
     # resumed under DDP from its step-3 checkpoint, it ends with the same bytes
     first = {name: (run_dir / name).read_bytes() for name in ("model.safetensors", "adapter.safetensors")}
     shutil.rmtree(list_checkpoints(run_dir / "checkpoints")[0])
     launcher = [*ACCELERATE, "--main_process_port", str(free_port())]
-    again = run_script("finetune.py", *lora_args(parent, tmp_path, sonnets, "run"), launcher=launcher, env={"OMP_NUM_THREADS": "1"})
+    again = run_script(
+        "finetune.py", *lora_args(parent, tmp_path, sonnets, "run"), launcher=launcher, env={"OMP_NUM_THREADS": "1"}
+    )
     assert again.returncode == 0 and "step_000003" in again.stderr, again.stderr
     assert {name: (run_dir / name).read_bytes() for name in first} == first

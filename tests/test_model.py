@@ -30,8 +30,12 @@ RUNGS = {
     "01_bigram": dict(kind="bigram"),
     "02_one_head": dict(n_layer=1, n_head=1, mlp=False, residual=False, layernorm=False, bias=False),
     "03_multi_head": dict(n_layer=1, n_head=4, mlp=False, residual=False, layernorm=False, bias=False),
-    "04_feed_forward": dict(n_layer=1, n_head=4, mlp=True, mlp_ratio=1, activation="relu", residual=False, layernorm=False, bias=False),
-    "05_residual": dict(n_layer=3, n_head=4, mlp_ratio=4, activation="relu", residual=True, layernorm=False, bias=False),
+    "04_feed_forward": dict(
+        n_layer=1, n_head=4, mlp=True, mlp_ratio=1, activation="relu", residual=False, layernorm=False, bias=False
+    ),
+    "05_residual": dict(
+        n_layer=3, n_head=4, mlp_ratio=4, activation="relu", residual=True, layernorm=False, bias=False
+    ),
     "06_layernorm": dict(n_layer=3, n_head=4, activation="relu", layernorm=True, bias=False),
     "07_full": dict(n_layer=3, n_head=4, dropout=0.2),
 }
@@ -53,7 +57,17 @@ def test_forward_shapes_and_names():
     logits, loss = model(idx)
     assert logits.shape == (3, 8, V) and loss is None
     keys = set(model.state_dict())
-    for name in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.1.ln_1.bias", "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.bias", "transformer.h.0.ln_2.weight", "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight", "transformer.ln_f.weight"):
+    for name in (
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        "transformer.h.1.ln_1.bias",
+        "transformer.h.0.attn.c_attn.weight",
+        "transformer.h.0.attn.c_proj.bias",
+        "transformer.h.0.ln_2.weight",
+        "transformer.h.0.mlp.c_fc.weight",
+        "transformer.h.0.mlp.c_proj.weight",
+        "transformer.ln_f.weight",
+    ):
         assert name in keys
     assert model.transformer.h[0].attn.c_attn.weight.shape == (3 * 16, 16)  # fused q, k, v
 
@@ -143,7 +157,9 @@ def test_ignored_targets_do_not_count_and_the_loss_is_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low_logits, low_loss = model(idx, targets)
         no_logits, same_loss = model(idx, targets, return_logits=False)
-    assert low_logits.dtype == torch.bfloat16 and low_loss.dtype == torch.float32  # the loss of bf16 logits, computed in fp32
+    assert (
+        low_logits.dtype == torch.bfloat16 and low_loss.dtype == torch.float32
+    )  # the loss of bf16 logits, computed in fp32
     assert no_logits is None and torch.equal(low_loss, same_loss)
     by_hand = torch.nn.functional.cross_entropy(low_logits.float().flatten(0, 1), targets.flatten())
     assert torch.equal(low_loss, by_hand)
@@ -222,7 +238,9 @@ def test_kv_cache_logits_equal_recompute_at_every_step(kind, prompt_len):
         for step in range(30):  # slides the 8-token window several times
             torch.testing.assert_close(cached.logits, full.logits, rtol=1e-5, atol=1e-5, msg=f"step {step}")
             # and both against the plain forward pass over the current window (the bigram: its table row for the last token)
-            expected = model.bigram_table.weight[full.window[:, -1]] if kind == "bigram" else model(full.window)[0][:, -1]
+            expected = (
+                model.bigram_table.weight[full.window[:, -1]] if kind == "bigram" else model(full.window)[0][:, -1]
+            )
             torch.testing.assert_close(cached.logits, expected, rtol=1e-5, atol=1e-5, msg=f"step {step}")
             token = torch.randint(0, V, (3,))
             cached.push(token)
@@ -267,7 +285,9 @@ def test_greedy_is_deterministic_and_argmax():
     assert torch.equal(out, model.generate(idx, 12, temperature=0))
     with torch.no_grad():
         seq = idx
-        for _ in range(12):  # naive greedy decoding without sliding (14 > 8, so crop like nanoGPT until the window slides)
+        for _ in range(
+            12
+        ):  # naive greedy decoding without sliding (14 > 8, so crop like nanoGPT until the window slides)
             if seq.size(1) > 8:
                 break
             seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
@@ -290,7 +310,9 @@ def test_generate_stream_yields_a_token_per_step_and_restores_mode():
         assert model.training  # eval only while a step computes
         tokens.append(token)
     assert [t.shape for t in tokens] == [(2,)] * 5
-    assert torch.equal(torch.stack(tokens, 1), model.generate(idx, 5, generator=torch.Generator().manual_seed(0))[:, 1:])
+    assert torch.equal(
+        torch.stack(tokens, 1), model.generate(idx, 5, generator=torch.Generator().manual_seed(0))[:, 1:]
+    )
     assert model.training and model.generate(idx, 0).shape == (2, 1)
 
 
@@ -332,7 +354,9 @@ OPTIONS = {
     "qk_norm": dict(qk_norm=True),
     "zero_init_proj": dict(zero_init_proj=True),
     "matmul": dict(attn_impl="matmul"),
-    "speedrun": dict(pos_emb="rope", qk_norm=True, zero_init_proj=True, attn_impl="matmul", activation="relu2", tie_weights=False),
+    "speedrun": dict(
+        pos_emb="rope", qk_norm=True, zero_init_proj=True, attn_impl="matmul", activation="relu2", tie_weights=False
+    ),
 }
 
 
@@ -420,9 +444,23 @@ def test_matmul_attention_equals_sdpa():
 def test_options_are_validated_by_the_config():
     from dist_gpt.config import load_config
 
-    cfg = load_config(None, ["--model.pos_emb=rope", "--model.qk_norm=true", "--train.optimizer=muon", "--train.muon_lr=0.05"], "pretrain")
-    assert (cfg.model.pos_emb, cfg.model.qk_norm, cfg.train.optimizer, cfg.train.muon_lr) == ("rope", True, "muon", 0.05)
-    for bad, message in (("--model.pos_emb=alibi", "not one of"), ("--model.attn_impl=flash", "not one of"), ("--train.muon_momentum=1", "muon_momentum"), ("--train.muon_lr=0", "muon_lr")):
+    cfg = load_config(
+        None,
+        ["--model.pos_emb=rope", "--model.qk_norm=true", "--train.optimizer=muon", "--train.muon_lr=0.05"],
+        "pretrain",
+    )
+    assert (cfg.model.pos_emb, cfg.model.qk_norm, cfg.train.optimizer, cfg.train.muon_lr) == (
+        "rope",
+        True,
+        "muon",
+        0.05,
+    )
+    for bad, message in (
+        ("--model.pos_emb=alibi", "not one of"),
+        ("--model.attn_impl=flash", "not one of"),
+        ("--train.muon_momentum=1", "muon_momentum"),
+        ("--train.muon_lr=0", "muon_lr"),
+    ):
         with pytest.raises(UserError, match=message):
             load_config(None, [bad], "pretrain")
     with pytest.raises(UserError, match="even head size"):

@@ -19,7 +19,9 @@ from dist_gpt.optim import MuonAdamW, make_optimizer, orthogonalize
 
 def tiny_gpt(seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)
-    return GPT(GPTConfig(**{**dict(vocab_size=17, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.0), **overrides}))
+    return GPT(
+        GPTConfig(**{**dict(vocab_size=17, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.0), **overrides})
+    )
 
 
 def train_steps(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int = 1) -> list[float]:
@@ -82,7 +84,9 @@ def test_muon_newton_schulz_dtype_is_a_constructor_choice_not_state():
             w.grad = g.clone()
             opt.step()
         results[dtype] = w.detach()
-        assert "ns_dtype" not in json.dumps(opt.state_dict()["param_groups"], default=str)  # a machine's choice, not the run's
+        assert "ns_dtype" not in json.dumps(
+            opt.state_dict()["param_groups"], default=str
+        )  # a machine's choice, not the run's
     torch.testing.assert_close(results[torch.float32], results[torch.bfloat16], rtol=0, atol=0.01)
     assert not torch.equal(results[torch.float32], results[torch.bfloat16])
 
@@ -107,7 +111,10 @@ def test_adamw_groups_match_torch_adamw():
 
     def groups(model: nn.Module) -> list[dict]:
         ps = list(model.parameters())
-        return [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": 0.1}, {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}]
+        return [
+            {"params": [p for p in ps if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0},
+        ]
 
     a = train_steps(ours, MuonAdamW(groups(ours), **kw), 10)
     b = train_steps(ref, torch.optim.AdamW(groups(ref), **kw), 10)
@@ -160,8 +167,15 @@ def test_state_dict_round_trip_continues_exactly():
     model = tiny_gpt()
     opt = make_optimizer(model, t)
     train_steps(model, opt, 3)
-    osd = copy.deepcopy(get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))  # as if saved
-    assert {slot for slots in osd["state"].values() for slot in slots} == {"step", "exp_avg", "exp_avg_sq", "momentum_buffer"}
+    osd = copy.deepcopy(
+        get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    )  # as if saved
+    assert {slot for slots in osd["state"].values() for slot in slots} == {
+        "step",
+        "exp_avg",
+        "exp_avg_sq",
+        "momentum_buffer",
+    }
 
     fresh = tiny_gpt(seed=5)
     fresh.load_state_dict(model.state_dict())
@@ -174,8 +188,19 @@ def test_state_dict_round_trip_continues_exactly():
 
 def test_pretrain_with_muon_resumes_bit_identically(tmp_path, shakespeare):
     """20 steps, then the same command with max_steps 30, equals a straight 30-step run (constant LR: the schedule ignores max_steps)."""
-    common = ["--config", "configs/smoke.yaml", f"--data.source={shakespeare}", f"--data.dir={tmp_path / 'data'}", "--train.optimizer=muon", "--train.lr_decay=constant"]
-    common += ["--model.pos_emb=rope", "--model.qk_norm=true", "--model.attn_impl=matmul"]  # the model options on the user path too
+    common = [
+        "--config",
+        "configs/smoke.yaml",
+        f"--data.source={shakespeare}",
+        f"--data.dir={tmp_path / 'data'}",
+        "--train.optimizer=muon",
+        "--train.lr_decay=constant",
+    ]
+    common += [
+        "--model.pos_emb=rope",
+        "--model.qk_norm=true",
+        "--model.attn_impl=matmul",
+    ]  # the model options on the user path too
     logs = []
     for name, steps in (("resumed", 20), ("resumed", 30), ("straight", 30)):
         out = run_script("pretrain.py", *common, f"--run.out_dir={tmp_path / name}", f"--train.max_steps={steps}")
@@ -189,6 +214,10 @@ def test_pretrain_with_muon_resumes_bit_identically(tmp_path, shakespeare):
 
     resumed, straight = curve(tmp_path / "resumed"), curve(tmp_path / "straight")
     assert resumed == straight and resumed[-1][0] == 30
-    assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
-    sample = run_script("sample.py", "--run", str(tmp_path / "straight"), "--prompt", "ROMEO:", "--max_new_tokens", "20")
+    assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == (
+        tmp_path / "straight" / "model.safetensors"
+    ).read_bytes()
+    sample = run_script(
+        "sample.py", "--run", str(tmp_path / "straight"), "--prompt", "ROMEO:", "--max_new_tokens", "20"
+    )
     assert sample.returncode == 0, sample.stderr

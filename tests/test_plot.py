@@ -22,7 +22,14 @@ def rows(scale: float, tokens_per_step: int) -> list[dict]:
     """What the trainer writes: an eval row at step 0, train rows, eval rows with train_loss too."""
     out = [{"step": 0, "tokens": 0, "elapsed_s": 0.0, "eval_train_loss": 4.2 * scale, "val_loss": 4.1 * scale}]
     for step in range(1, 7):
-        row = {"step": step, "train_loss": scale * (4 - step / 4), "lr": 1e-3, "tokens": step * tokens_per_step, "tokens_per_s": 10.0, "elapsed_s": step / 10}
+        row = {
+            "step": step,
+            "train_loss": scale * (4 - step / 4),
+            "lr": 1e-3,
+            "tokens": step * tokens_per_step,
+            "tokens_per_s": 10.0,
+            "elapsed_s": step / 10,
+        }
         if step % 3 == 0:
             row |= {"eval_train_loss": scale * (3.9 - step / 4), "val_loss": scale * (4 - step / 5)}
         out.append(row)
@@ -39,7 +46,11 @@ def test_two_runs_two_panels(tmp_path):
     lines = {line.get_label(): line for line in by_steps.lines}
     assert list(lines) == ["a train", "a val", "b train", "b val"]
     assert list(lines["a train"].get_xdata()) == [1, 2, 3, 5, 6]  # step 4 had no loss
-    assert list(lines["a val"].get_xdata()) == [0, 3, 6] and list(lines["a val"].get_ydata()) == [4.1, 4 - 3 / 5, 4 - 6 / 5]
+    assert list(lines["a val"].get_xdata()) == [0, 3, 6] and list(lines["a val"].get_ydata()) == [
+        4.1,
+        4 - 3 / 5,
+        4 - 6 / 5,
+    ]
     assert list(by_tokens.lines[2].get_xdata()) == [1024, 2048, 3072, 5120, 6144]  # b train, against tokens
     assert list(by_tokens.lines[2].get_ydata()) == list(lines["b train"].get_ydata())
     assert by_steps.get_yscale() == by_tokens.get_yscale() == "linear"
@@ -76,4 +87,8 @@ def test_cli_on_a_real_run(tmp_path, shakespeare):
     curves = read_metrics(run)
     assert [s for s, _, _ in curves.val] == [0, 10, 12] and [s for s, _, _ in curves.train] == list(range(1, 13))
     missing = run_script("plot.py", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.png"))
-    assert missing.returncode == 2 and missing.stderr.strip().startswith("error:") and "metrics.jsonl not found" in missing.stderr
+    assert (
+        missing.returncode == 2
+        and missing.stderr.strip().startswith("error:")
+        and "metrics.jsonl not found" in missing.stderr
+    )

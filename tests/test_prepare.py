@@ -101,14 +101,18 @@ def test_clean_cuts_encode_like_the_whole_text(kind, tmp_path, monkeypatch):
 
 def test_gpt2_arrays_equal_encoding_the_whole_text(tmp_path, monkeypatch):
     """tiktoken's GPT-2 regex cuts like the bpe one; a toy ranks file stands in for the real gpt2.tiktoken (no network)."""
-    monkeypatch.setenv(GPT2_FILE_ENV, str(toy_gpt2_file(tmp_path / "gpt2.tiktoken", [b"th", b"ou", b"thou", b" thou", b"\n\n", b"  "])))
+    monkeypatch.setenv(
+        GPT2_FILE_ENV, str(toy_gpt2_file(tmp_path / "gpt2.tiktoken", [b"th", b"ou", b"thou", b" thou", b"\n\n", b"  "]))
+    )
     monkeypatch.setattr(prepare_mod, "LINES_PER_BATCH", 7)
     corpus = lines_corpus(2000, seed=2)
     (tmp_path / "c.txt").write_text(corpus, encoding="utf-8")
     meta = build(tmp_path / "c.txt", tmp_path / "out", tokenizer="gpt2")
     assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 and meta["dtype"] == "uint16"
     tok = load_tokenizer(tmp_path / "out" / "tokenizer.json")
-    assert np.concatenate([tokens(tmp_path / "out", "train"), tokens(tmp_path / "out", "val")]).tolist() == tok.encode(corpus)
+    assert np.concatenate([tokens(tmp_path / "out", "train"), tokens(tmp_path / "out", "val")]).tolist() == tok.encode(
+        corpus
+    )
 
 
 def test_num_proc_2_gives_the_same_arrays(tmp_path):
@@ -184,7 +188,9 @@ def test_uint32_when_the_vocabulary_does_not_fit_uint16(tmp_path):
 def test_errors_replace_goes_on_past_bad_bytes(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"good text here\n" * 20 + b"caf\xe9\n")
     logs: list[str] = []
-    meta = prepare(DataConfig(source=str(tmp_path / "bad.txt"), errors="replace"), data_dir=tmp_path / "out", log=logs.append)
+    meta = prepare(
+        DataConfig(source=str(tmp_path / "bad.txt"), errors="replace"), data_dir=tmp_path / "out", log=logs.append
+    )
     assert "\ufffd" in load_tokenizer(tmp_path / "out" / "tokenizer.json").chars
     assert any("byte" in line and "offset 303" in line for line in logs)
     assert sum(meta["tokens"].values()) == 15 * 20 + 5
@@ -205,7 +211,11 @@ def test_rerun_is_a_noop_and_changes_rebuild(tmp_path):
 
     src.write_text("hello world\n" * 100 + "more!\n", encoding="utf-8")  # the source changed
     changed = prepare(DataConfig(source=str(src)), data_dir=out, log=logs.append)
-    assert "prepared" in logs[-1] and changed["fingerprint"] != first["fingerprint"] and "!" in load_tokenizer(out / "tokenizer.json").chars
+    assert (
+        "prepared" in logs[-1]
+        and changed["fingerprint"] != first["fingerprint"]
+        and "!" in load_tokenizer(out / "tokenizer.json").chars
+    )
 
     setting = prepare(DataConfig(source=str(src), val_fraction=0.5), data_dir=out, log=logs.append)  # a setting changed
     assert "prepared" in logs[-1] and setting["tokens"]["val"] > changed["tokens"]["val"]
@@ -217,7 +227,11 @@ def test_rerun_is_a_noop_and_changes_rebuild(tmp_path):
 
 def folder_hashes(folder: Path) -> dict[str, str]:
     """SHA-256 of every file under `folder` but the lock file (it holds the PID of the last prepare)."""
-    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(folder)): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def test_interrupted_prepare_leaves_the_old_folder_whole(tmp_path, monkeypatch):
@@ -240,7 +254,9 @@ def test_interrupted_prepare_leaves_the_old_folder_whole(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         build(src, out)
     assert folder_hashes(out) == before
-    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock"]  # no temporary files or datasets cache left
+    assert not [
+        p for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock"
+    ]  # no temporary files or datasets cache left
     assert len(open_split(out, "train")) == 1080  # the old data, still whole
     monkeypatch.setattr(prepare_mod, "_write_split", real)
     assert build(src, out)["tokens"]["train"] == 1260  # the next run rebuilds
@@ -269,10 +285,18 @@ def test_parent_tokenizer_is_used_and_its_change_rebuilds(tmp_path):
     CharTokenizer("abcdefgh \n").save(run / "tokenizer.json")
     (tmp_path / "c.txt").write_text("a bad cafe\n" * 50, encoding="utf-8")
     cfg = Config()
-    cfg.data.source, cfg.data.dir, cfg.finetune.init_from, cfg.model.block_size = str(tmp_path / "c.txt"), str(tmp_path / "out"), str(run), 8
+    cfg.data.source, cfg.data.dir, cfg.finetune.init_from, cfg.model.block_size = (
+        str(tmp_path / "c.txt"),
+        str(tmp_path / "out"),
+        str(run),
+        8,
+    )
     logs: list[str] = []
     first = prepare_from_config(cfg, log=logs.append)
-    assert first["vocab_size"] == 10 and load_tokenizer(tmp_path / "out" / "tokenizer.json").fingerprint() == first["tokenizer_fingerprint"]
+    assert (
+        first["vocab_size"] == 10
+        and load_tokenizer(tmp_path / "out" / "tokenizer.json").fingerprint() == first["tokenizer_fingerprint"]
+    )
     CharTokenizer("abcdefgh \nxyz").save(run / "tokenizer.json")
     second = prepare_from_config(cfg, log=logs.append)
     assert "prepared" in logs[-1] and second["vocab_size"] == 13
@@ -281,10 +305,15 @@ def test_parent_tokenizer_is_used_and_its_change_rebuilds(tmp_path):
 def test_sft_mask_counts_response_tokens(text, tmp_path):
     tok = CharTokenizer(text)
     tok.save(tmp_path / "run" / "tokenizer.json")
-    pairs = [{"prompt": "Who art thou, " + "good " * (i % 5) + "sir?", "response": "I am " + "a knave " * (i % 7)} for i in range(40)]
+    pairs = [
+        {"prompt": "Who art thou, " + "good " * (i % 5) + "sir?", "response": "I am " + "a knave " * (i % 7)}
+        for i in range(40)
+    ]
     pairs[3]["split"], pairs[5]["split"] = "val", "val"
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
-    meta = prepare(DataConfig(source=str(tmp_path / "p.jsonl")), data_dir=tmp_path / "out", tokenizer=tok, sft=True, log=quiet)
+    meta = prepare(
+        DataConfig(source=str(tmp_path / "p.jsonl")), data_dir=tmp_path / "out", tokenizer=tok, sft=True, log=quiet
+    )
     assert meta["sft"] and meta["documents"] == {"train": 38, "val": 2}
     train, val = open_split(tmp_path / "out", "train"), open_split(tmp_path / "out", "val")
     train_pairs = [p for p in pairs if "split" not in p]
@@ -303,7 +332,9 @@ def test_sft_mask_counts_response_tokens(text, tmp_path):
         s, e = train.offsets[i], train.offsets[i + 1]
         n = e - s - 1
         assert (y[i] != -100).sum() == train.mask[s:e].sum()
-        assert x[i, :n].tolist() == train.tokens[s : e - 1].tolist() and (x[i, n:] == 0).all() and (y[i, n:] == -100).all()
+        assert (
+            x[i, :n].tolist() == train.tokens[s : e - 1].tolist() and (x[i, n:] == 0).all() and (y[i, n:] == -100).all()
+        )
     short = BatchLoader(train, block_size=16, batch_size=4, seed=0)
     assert short.truncated == 38 and short.next_batch()[0].shape == (4, 16)
 
@@ -349,7 +380,10 @@ def test_gutenberg_recipe_keeps_the_book_alone_and_the_lectures_split(tmp_path):
     assert tok.chars == sorted(set(book))  # no header, licence or carriage return characters in the vocabulary
     n = int(0.9 * len(book))  # one document: the first 90% trains, the last 10% validates
     assert meta["tokens"] == {"train": n, "val": len(book) - n}
-    assert tok.decode(tokens(tmp_path / "out", "train").tolist()) + tok.decode(tokens(tmp_path / "out", "val").tolist()) == book
+    assert (
+        tok.decode(tokens(tmp_path / "out", "train").tolist()) + tok.decode(tokens(tmp_path / "out", "val").tolist())
+        == book
+    )
 
 
 def test_sonnets_sft_prepare_with_a_shakespeare_char_tokenizer(char_dir, sonnets, tmp_path):
@@ -364,7 +398,9 @@ def test_sonnets_sft_prepare_with_a_shakespeare_char_tokenizer(char_dir, sonnets
     assert meta["documents"] == {"train": 139, "val": 15} and meta["unknown"]["count"] == 3
     assert any("3 characters" in line for line in logs) and any("truncated" in line for line in logs)
     val = open_split(tmp_path / "out", "val")
-    assert tok.decode(val.tokens[val.offsets[0] : val.offsets[1]]).startswith("PROMPT:\nX\nFor shame! deny that thou bear'st love to any,\nRESPONSE:\n")
+    assert tok.decode(val.tokens[val.offsets[0] : val.offsets[1]]).startswith(
+        "PROMPT:\nX\nFor shame! deny that thou bear'st love to any,\nRESPONSE:\n"
+    )
 
 
 # ----------------------------------------------------------------------------- bad input, as a user meets it
@@ -373,7 +409,14 @@ def test_sonnets_sft_prepare_with_a_shakespeare_char_tokenizer(char_dir, sonnets
 def run_prepare(tmp_path: Path, *args: str, env: dict | None = None):
     out = tmp_path / "out"
     result = run_script(
-        "prepare.py", "--config", str(REPO / "configs" / "smoke.yaml"), f"--data.dir={out}", *args, cwd=tmp_path, env={**ENV, **(env or {})}, timeout=120
+        "prepare.py",
+        "--config",
+        str(REPO / "configs" / "smoke.yaml"),
+        f"--data.dir={out}",
+        *args,
+        cwd=tmp_path,
+        env={**ENV, **(env or {})},
+        timeout=120,
     )
     return result, out
 
@@ -395,7 +438,11 @@ def test_prepare_script_and_help(shakespeare, tmp_path):
     again, _ = run_prepare(tmp_path, f"--data.source={shakespeare}")
     assert "up to date" in again.stdout
     helped = run_script("prepare.py", "--help", env=ENV)
-    assert helped.returncode == 0 and "--data.source" in helped.stdout and "usage: python launch/prepare.py" in helped.stdout
+    assert (
+        helped.returncode == 0
+        and "--data.source" in helped.stdout
+        and "usage: python launch/prepare.py" in helped.stdout
+    )
 
 
 def test_bad_input_missing_path(tmp_path):
@@ -424,7 +471,9 @@ def test_bad_input_not_utf8(tmp_path):
 def test_bad_input_unknown_characters_for_a_parent_vocabulary(tmp_path):
     CharTokenizer("abcdefghijklmnopqrstuvwxyz \n").save(tmp_path / "run" / "tokenizer.json")
     (tmp_path / "new.txt").write_text("hello (world) " * 200 + "\n")
-    result, out = run_prepare(tmp_path, f"--data.source={tmp_path / 'new.txt'}", f"--finetune.init_from={tmp_path / 'run'}")
+    result, out = run_prepare(
+        tmp_path, f"--data.source={tmp_path / 'new.txt'}", f"--finetune.init_from={tmp_path / 'run'}"
+    )
     assert_one_error_line(result, out, "'('", "')'", "data.unknown=drop", "data.unknown=replace")
 
 

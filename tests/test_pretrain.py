@@ -18,8 +18,8 @@ from dist_gpt.errors import UserError
 from dist_gpt.model import GPT
 from dist_gpt.optim import lr_at
 from dist_gpt.rundir import load_run
-from dist_gpt.trainer import EVAL_SHARE, affordable_eval_iters
 from dist_gpt.runtime import check_world_size
+from dist_gpt.trainer import EVAL_SHARE, affordable_eval_iters
 
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 
@@ -31,7 +31,14 @@ def free_port() -> int:
 
 
 def smoke_args(tmp_path: Path, shakespeare: Path, name: str, *extra: str) -> list[str]:
-    return ["--config", "configs/smoke.yaml", f"--data.source={shakespeare}", f"--data.dir={tmp_path / 'data'}", f"--run.out_dir={tmp_path / name}", *extra]
+    return [
+        "--config",
+        "configs/smoke.yaml",
+        f"--data.source={shakespeare}",
+        f"--data.dir={tmp_path / 'data'}",
+        f"--run.out_dir={tmp_path / name}",
+        *extra,
+    ]
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -40,7 +47,14 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def check_finished_run(run_dir: Path, world_size: int) -> None:
     """Loss falls, the run's files exist, and model.safetensors reproduces the logged final val loss."""
-    for name in ("config.yaml", "tokenizer.json", "model.safetensors", "summary.json", "metrics.jsonl", "samples.jsonl"):
+    for name in (
+        "config.yaml",
+        "tokenizer.json",
+        "model.safetensors",
+        "summary.json",
+        "metrics.jsonl",
+        "samples.jsonl",
+    ):
         assert (run_dir / name).is_file(), name
     rows = metrics(run_dir)
     evals = [r for r in rows if "val_loss" in r]
@@ -59,17 +73,25 @@ def check_finished_run(run_dir: Path, world_size: int) -> None:
     val = open_split(cfg.data_dir, "val")
     total = count = 0.0
     with torch.no_grad():
-        for x, y in eval_batches(val, cfg.model.block_size, cfg.train.batch_size, cfg.train.eval_iters, seed=cfg.run.seed):
+        for x, y in eval_batches(
+            val, cfg.model.block_size, cfg.train.batch_size, cfg.train.eval_iters, seed=cfg.run.seed
+        ):
             total += run.model(x, y)[1].item()
             count += 1
     assert total / count == pytest.approx(evals[-1]["val_loss"], rel=1e-5, abs=1e-6)
 
 
 def test_python_launch(tmp_path, shakespeare):
-    out = run_script("pretrain.py", *smoke_args(tmp_path, shakespeare, "run", "--train.threads=1"), env={"OMP_NUM_THREADS": "2"})
+    out = run_script(
+        "pretrain.py", *smoke_args(tmp_path, shakespeare, "run", "--train.threads=1"), env={"OMP_NUM_THREADS": "2"}
+    )
     assert out.returncode == 0, out.stderr
     assert "1 threads/process" in out.stderr  # train.threads wins over OMP_NUM_THREADS
-    assert "world size 1" in out.stderr and "tokens per optimizer step: 8 (micro-batch) x 32 (block) x 1 (accumulation) x 1 (processes) = 256" in out.stderr
+    assert (
+        "world size 1" in out.stderr
+        and "tokens per optimizer step: 8 (micro-batch) x 32 (block) x 1 (accumulation) x 1 (processes) = 256"
+        in out.stderr
+    )
     check_finished_run(tmp_path / "run", world_size=1)
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [0, 10, 20, 30] and all(len(s["text"]) == 32 for s in samples)
@@ -78,12 +100,26 @@ def test_python_launch(tmp_path, shakespeare):
     again = run_script("pretrain.py", *smoke_args(tmp_path, shakespeare, "run"))
     assert again.returncode == 0 and "run already complete at step 30" in again.stderr
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == before
-    assert "prepared" not in again.stderr and "tokenizing" not in again.stderr  # nothing to do: the data is not even checked
+    assert (
+        "prepared" not in again.stderr and "tokenizing" not in again.stderr
+    )  # nothing to do: the data is not even checked
 
 
 def test_accelerate_launch_one_process(tmp_path, shakespeare):
-    launcher = [*ACCELERATE, "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    out = run_script("pretrain.py", *smoke_args(tmp_path, shakespeare, "run"), launcher=launcher, env={"OMP_NUM_THREADS": "1"})
+    launcher = [
+        *ACCELERATE,
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    out = run_script(
+        "pretrain.py", *smoke_args(tmp_path, shakespeare, "run"), launcher=launcher, env={"OMP_NUM_THREADS": "1"}
+    )
     assert out.returncode == 0, out.stderr
     # accelerate launch passes OMP_NUM_THREADS=1 on when nobody chose a thread count: one process gets every core
     assert f"{len(os.sched_getaffinity(0))} threads/process" in out.stderr
@@ -92,7 +128,9 @@ def test_accelerate_launch_one_process(tmp_path, shakespeare):
 
 def test_two_process_ddp_on_cpu(tmp_path, shakespeare):
     launcher = [*ACCELERATE, "--config_file", "configs/accelerate/cpu.yaml", "--main_process_port", str(free_port())]
-    out = run_script("pretrain.py", *smoke_args(tmp_path, shakespeare, "run"), launcher=launcher, env={"OMP_NUM_THREADS": "1"})
+    out = run_script(
+        "pretrain.py", *smoke_args(tmp_path, shakespeare, "run"), launcher=launcher, env={"OMP_NUM_THREADS": "1"}
+    )
     assert out.returncode == 0, out.stderr
     assert "world size 2 (MULTI_CPU, DistributedDataParallel)" in out.stderr
     assert "weights identical on all 2 ranks" in out.stderr
@@ -101,11 +139,20 @@ def test_two_process_ddp_on_cpu(tmp_path, shakespeare):
 
 def test_gradient_accumulation_is_exact(tmp_path, shakespeare):
     """One optimizer step over the same 8 sequences: 8 x 1, 4 x 2 (accumulation) and 2 processes x 4 give the same weights."""
-    common = ["--train.max_steps=1", "--train.eval_iters=1", "--train.sample_tokens=0", "--model.dropout=0", "--train.warmup_steps=0"]
+    common = [
+        "--train.max_steps=1",
+        "--train.eval_iters=1",
+        "--train.sample_tokens=0",
+        "--model.dropout=0",
+        "--train.warmup_steps=0",
+    ]
     runs = {
         "b8": (["--train.batch_size=8", "--train.grad_accum=1"], None),
         "b4x2": (["--train.batch_size=4", "--train.grad_accum=2"], None),
-        "ddp2xb4": (["--train.batch_size=4", "--train.grad_accum=1"], [*ACCELERATE, "--config_file", "configs/accelerate/cpu.yaml", "--main_process_port", str(free_port())]),
+        "ddp2xb4": (
+            ["--train.batch_size=4", "--train.grad_accum=1"],
+            [*ACCELERATE, "--config_file", "configs/accelerate/cpu.yaml", "--main_process_port", str(free_port())],
+        ),
     }
     weights = {}
     for name, (extra, launcher) in runs.items():
@@ -124,14 +171,20 @@ def test_gradient_accumulation_is_exact(tmp_path, shakespeare):
 
 
 def test_wandb_offline_leaves_an_offline_run(tmp_path, shakespeare):
-    out = run_script("pretrain.py", *smoke_args(tmp_path, shakespeare, "run", "--log.wandb=true", "--train.max_steps=5"), env={"WANDB_MODE": "offline"})
+    out = run_script(
+        "pretrain.py",
+        *smoke_args(tmp_path, shakespeare, "run", "--log.wandb=true", "--train.max_steps=5"),
+        env={"WANDB_MODE": "offline"},
+    )
     assert out.returncode == 0, out.stderr
     offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("run-*.wandb"))
 
 
 def test_tokens_per_step_derives_accumulation(tmp_path, shakespeare):
-    out = run_script("pretrain.py", *smoke_args(tmp_path, shakespeare, "run", "--train.tokens_per_step=1024", "--train.max_steps=2"))
+    out = run_script(
+        "pretrain.py", *smoke_args(tmp_path, shakespeare, "run", "--train.tokens_per_step=1024", "--train.max_steps=2")
+    )
     assert out.returncode == 0, out.stderr
     assert "8 (micro-batch) x 32 (block) x 4 (accumulation) x 1 (processes) = 1,024" in out.stderr
     bad = run_script("pretrain.py", *smoke_args(tmp_path, shakespeare, "bad", "--train.tokens_per_step=1000"))
@@ -148,27 +201,50 @@ def test_evaluations_of_a_time_budgeted_run_take_a_small_share_of_it():
     from dist_gpt.config import TrainConfig
 
     # the 5-minute CPU model on a CPU without bf16: 0.155 s per eval batch, so at most ~900 steps in 280 s
-    t = TrainConfig(time_budget_s=280, max_steps=10**6, eval_iters=100, eval_interval=500, eval_at_start=True, batch_size=32)
+    t = TrainConfig(
+        time_budget_s=280, max_steps=10**6, eval_iters=100, eval_interval=500, eval_at_start=True, batch_size=32
+    )
     n, evaluations = affordable_eval_iters(0.155, t, world=1)
     assert evaluations == 3  # step 0, step 500, the end
     assert n == 24 and evaluations * 2 * n * 0.155 <= EVAL_SHARE * 280 < evaluations * 2 * (n + 1) * 0.155
-    assert affordable_eval_iters(0.155, t, world=2) == (48, 3)  # two ranks share the batches: twice as many in the same time
+    assert affordable_eval_iters(0.155, t, world=2) == (
+        48,
+        3,
+    )  # two ranks share the batches: twice as many in the same time
     assert affordable_eval_iters(0.001, t, world=1) == (39, 282)  # a fast machine does more steps, so more evaluations
-    rare = TrainConfig(time_budget_s=280, max_steps=10**6, eval_iters=100, eval_interval=10**6, eval_at_start=True, batch_size=32)
-    assert affordable_eval_iters(0.001, rare, world=1) == (100, 2)  # a fast machine with few evaluations keeps train.eval_iters
+    rare = TrainConfig(
+        time_budget_s=280, max_steps=10**6, eval_iters=100, eval_interval=10**6, eval_at_start=True, batch_size=32
+    )
+    assert affordable_eval_iters(0.001, rare, world=1) == (
+        100,
+        2,
+    )  # a fast machine with few evaluations keeps train.eval_iters
     assert affordable_eval_iters(100.0, t, world=1)[0] == 1  # never fewer than one batch
-    short = TrainConfig(time_budget_s=280, max_steps=400, eval_iters=100, eval_interval=500, eval_at_start=False, batch_size=32)
-    assert affordable_eval_iters(0.155, short, world=1) == (72, 1)  # max_steps ends it before step 500: only the final evaluation
+    short = TrainConfig(
+        time_budget_s=280, max_steps=400, eval_iters=100, eval_interval=500, eval_at_start=False, batch_size=32
+    )
+    assert affordable_eval_iters(0.155, short, world=1) == (
+        72,
+        1,
+    )  # max_steps ends it before step 500: only the final evaluation
 
 
 def test_time_budget_caps_the_evaluation(tmp_path, shakespeare):
-    extra = ["--train.time_budget_s=3", "--train.max_steps=1000000", "--train.eval_iters=100000", "--train.eval_interval=1000000", "--train.eval_at_start=false"]
+    extra = [
+        "--train.time_budget_s=3",
+        "--train.max_steps=1000000",
+        "--train.eval_iters=100000",
+        "--train.eval_interval=1000000",
+        "--train.eval_at_start=false",
+    ]
     out = run_script("pretrain.py", *smoke_args(tmp_path, shakespeare, "run", *extra))
     assert out.returncode == 0, out.stderr
     line = next(line for line in out.stderr.splitlines() if "evaluation of train.eval_iters=100000" in line)
     n = int(line.split("evaluating ")[1].split()[0])
     assert 1 <= n < 100000 and line.startswith("warning: 1 evaluation of")
-    assert [r["step"] for r in metrics(tmp_path / "run") if "val_loss" in r] == [json.loads((tmp_path / "run" / "summary.json").read_text())["steps"]]
+    assert [r["step"] for r in metrics(tmp_path / "run") if "val_loss" in r] == [
+        json.loads((tmp_path / "run" / "summary.json").read_text())["steps"]
+    ]
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -34,7 +34,13 @@ from dist_gpt.rundir import is_locked
 
 KILL_SEED = 20240611  # fixes every "random" kill step, so a failure reproduces
 STEPS = 30
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu.yaml")]
+ACCELERATE = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--config_file",
+    str(REPO / "configs/accelerate/cpu.yaml"),
+]
 
 # Runs pretrain exactly as launch/pretrain.py does, after applying one fault from the environment:
 #   DIST_GPT_TEST_DIE_WRITING=step_dir/file  SIGKILL this process just before that checkpoint file is written
@@ -108,7 +114,14 @@ class Running:
     def __init__(self, cmd: list[str], log_dir: Path, env: dict | None = None):
         self.stderr_path = log_dir / f"stderr_{time.monotonic_ns()}.txt"
         with open(self.stderr_path, "w") as err:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                env={**os.environ, **(env or {})},
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
+            )
 
     @property
     def stderr(self) -> str:
@@ -156,7 +169,9 @@ def losses(run_dir: Path) -> list[tuple]:
 def assert_same_run(run_dir: Path, reference: Path) -> None:
     """Bit-identical: every logged loss and every tensor of the final model."""
     assert losses(run_dir) == losses(reference)
-    assert [s for s, _, _ in losses(run_dir)] == list(range(STEPS + 1))  # each step once, nothing duplicated by the resume
+    assert [s for s, _, _ in losses(run_dir)] == list(
+        range(STEPS + 1)
+    )  # each step once, nothing duplicated by the resume
     got, want = load_file(run_dir / "model.safetensors"), load_file(reference / "model.safetensors")
     assert got.keys() == want.keys()
     for key in want:
@@ -198,7 +213,10 @@ def test_sigkill_at_random_steps_then_rerun_is_bit_identical(tmp_path, data_dir,
 
     # killed (SIGKILL) while writing its first checkpoint, so none exists: the rerun starts over, and
     # metrics.jsonl, which already held steps 0-4, ends up with each step once
-    first = run(pretrain_cmd(run_dir, data_dir, faulty=True), env={"DIST_GPT_TEST_DIE_WRITING": ".tmp_step_000004/model.safetensors"})
+    first = run(
+        pretrain_cmd(run_dir, data_dir, faulty=True),
+        env={"DIST_GPT_TEST_DIE_WRITING": ".tmp_step_000004/model.safetensors"},
+    )
     assert first.returncode == -signal.SIGKILL
     assert list_checkpoints(run_dir / "checkpoints") == [] and last_logged_step(run_dir) == 4
 
@@ -211,7 +229,9 @@ def test_sigkill_at_random_steps_then_rerun_is_bit_identical(tmp_path, data_dir,
     killed_at = last_logged_step(run_dir)
     assert kill_step <= killed_at < STEPS
     newest = find_resumable(run_dir / "checkpoints", pytest.fail)
-    assert newest is not None and killed_at - 4 <= int(newest.name[5:]) <= killed_at  # (the save of `killed_at` may have been cut short)
+    assert (
+        newest is not None and killed_at - 4 <= int(newest.name[5:]) <= killed_at
+    )  # (the save of `killed_at` may have been cut short)
 
     out = run(cmd)
     assert_clean_exit(out)
@@ -255,12 +275,16 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, data_d
     run_dir = tmp_path / "run"
     first = Running(pretrain_cmd(run_dir, data_dir, 2), tmp_path)
     first.wait_for_step(run_dir, random.Random(KILL_SEED + 5).randint(3, 9))
-    workers = [p for p in psutil.Process(first.proc.pid).children(recursive=True) if "pretrain.py" in " ".join(p.cmdline())]
+    workers = [
+        p for p in psutil.Process(first.proc.pid).children(recursive=True) if "pretrain.py" in " ".join(p.cmdline())
+    ]
     rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
     rank1.send_signal(signal.SIGTERM)
     first.wait()
     stopped_at = last_logged_step(run_dir)
-    assert f"stopped by a signal to another process at step {stopped_at}; checkpoint written" in first.stderr  # said by rank 0
+    assert (
+        f"stopped by a signal to another process at step {stopped_at}; checkpoint written" in first.stderr
+    )  # said by rank 0
     assert find_resumable(run_dir / "checkpoints", pytest.fail) == run_dir / "checkpoints" / f"step_{stopped_at:06d}"
     out = run(pretrain_cmd(run_dir, data_dir, 2))
     assert out.returncode == 0, out.stderr
@@ -284,16 +308,26 @@ def test_resume_with_another_process_count_keeps_tokens_per_step(tmp_path, data_
     final = run(pretrain_cmd(run_dir, data_dir, 2))
     assert final.returncode == 0, final.stderr
 
-    assert "resuming a checkpoint written by 2 process(es) on 1: grad_accum 1 -> 2 keeps 512 tokens per optimizer step" in outputs[1]
+    assert (
+        "resuming a checkpoint written by 2 process(es) on 1: grad_accum 1 -> 2 keeps 512 tokens per optimizer step"
+        in outputs[1]
+    )
     assert "8 (micro-batch) x 32 (block) x 2 (accumulation) x 1 (processes) = 512" in outputs[1]
-    assert "resuming a checkpoint written by 1 process(es) on 2: grad_accum 2 -> 1 keeps 512 tokens per optimizer step" in final.stderr
+    assert (
+        "resuming a checkpoint written by 1 process(es) on 2: grad_accum 2 -> 1 keeps 512 tokens per optimizer step"
+        in final.stderr
+    )
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     ref_rows = [json.loads(line) for line in (reference2 / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(STEPS + 1))
     assert [r["tokens"] for r in rows[1:]] == [512 * s for s in range(1, STEPS + 1)]
     first_resume = int(re.search(r"resuming from \S+step_(\d+)", outputs[1]).group(1))
-    assert losses(run_dir)[: first_resume + 1] == losses(reference2)[: first_resume + 1]  # before the switch: the 2-process run itself
-    for got, want in zip(rows[1:], ref_rows[1:], strict=True):  # after it: the same curve up to dropout masks and summation order
+    assert (
+        losses(run_dir)[: first_resume + 1] == losses(reference2)[: first_resume + 1]
+    )  # before the switch: the 2-process run itself
+    for got, want in zip(
+        rows[1:], ref_rows[1:], strict=True
+    ):  # after it: the same curve up to dropout masks and summation order
         assert got["train_loss"] == pytest.approx(want["train_loss"], abs=0.15), got["step"]
         if "val_loss" in want:
             assert got["val_loss"] == pytest.approx(want["val_loss"], abs=0.1), got["step"]
@@ -303,12 +337,28 @@ def test_resume_with_another_process_count_keeps_tokens_per_step(tmp_path, data_
 def test_resume_takes_a_changed_learning_rate_from_the_config(tmp_path, data_dir):
     """Moments and schedule position come from the checkpoint, the hyperparameters from the current command."""
     run_dir = tmp_path / "run"
-    first = run(pretrain_cmd(run_dir, data_dir, 1, "--train.max_steps=8", "--train.lr_decay=constant", "--train.weight_decay=0.0"))
+    first = run(
+        pretrain_cmd(
+            run_dir, data_dir, 1, "--train.max_steps=8", "--train.lr_decay=constant", "--train.weight_decay=0.0"
+        )
+    )
     assert first.returncode == 0, first.stderr
-    more = run(pretrain_cmd(run_dir, data_dir, 1, "--train.max_steps=12", "--train.lr_decay=constant", "--train.lr=1e-3", "--train.weight_decay=0.0"))
+    more = run(
+        pretrain_cmd(
+            run_dir,
+            data_dir,
+            1,
+            "--train.max_steps=12",
+            "--train.lr_decay=constant",
+            "--train.lr=1e-3",
+            "--train.weight_decay=0.0",
+        )
+    )
     assert more.returncode == 0, more.stderr
     assert "resuming from" in more.stderr
-    lrs = {r["step"]: r["lr"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
+    lrs = {
+        r["step"]: r["lr"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "lr" in r
+    }
     assert [lrs[s] for s in range(6, 9)] == [3e-3] * 3 and [lrs[s] for s in range(9, 13)] == [1e-3] * 4
 
 
@@ -325,11 +375,16 @@ def test_signal_writes_a_checkpoint_and_exits(tmp_path, data_dir, reference, sig
     stopped_at = last_logged_step(run_dir)
     name = signal.Signals(sig).name
     assert f"received {name}: writing a checkpoint at the end of this step" in running.stderr
-    assert f"stopped by {name} at step {stopped_at}; checkpoint written to {run_dir}; rerun the same command to resume" in running.stderr
+    assert (
+        f"stopped by {name} at step {stopped_at}; checkpoint written to {run_dir}; rerun the same command to resume"
+        in running.stderr
+    )
     assert "Traceback" not in running.stderr
     assert find_resumable(run_dir / "checkpoints", pytest.fail) == run_dir / "checkpoints" / f"step_{stopped_at:06d}"
     assert not is_locked(run_dir)
-    if sig == signal.SIGTERM:  # resuming from a checkpoint at any step (not only a multiple of the interval) is exact too
+    if (
+        sig == signal.SIGTERM
+    ):  # resuming from a checkpoint at any step (not only a multiple of the interval) is exact too
         out = run(pretrain_cmd(run_dir, data_dir))
         assert_clean_exit(out)
         assert_same_run(run_dir, reference)
@@ -355,7 +410,10 @@ def test_second_signal_exits_at_once(tmp_path, data_dir):
 def test_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path, data_dir, reference):
     run_dir, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
     # killed while writing the first file of step 12, then (resumed from 8) while writing the manifest, the last file, of step 16
-    for dying_file, newest in ((".tmp_step_000012/model.safetensors", "step_000008"), (".tmp_step_000016/MANIFEST.json", "step_000012")):
+    for dying_file, newest in (
+        (".tmp_step_000012/model.safetensors", "step_000008"),
+        (".tmp_step_000016/MANIFEST.json", "step_000012"),
+    ):
         dying = run(pretrain_cmd(run_dir, data_dir, faulty=True), env={"DIST_GPT_TEST_DIE_WRITING": dying_file})
         assert dying.returncode == -signal.SIGKILL, dying.stderr
         assert (ckpts / dying_file).parent.is_dir()  # the half-written folder ...
@@ -382,7 +440,13 @@ def test_corrupt_checkpoints_are_skipped_down_to_a_complete_one(tmp_path, data_d
     """The reference keeps 5 checkpoints: break the newest 4, each differently; the same command resumes from the 5th."""
     run_dir, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
     shutil.copytree(reference, run_dir)
-    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_000030", "step_000028", "step_000024", "step_000020", "step_000016"]
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == [
+        "step_000030",
+        "step_000028",
+        "step_000024",
+        "step_000020",
+        "step_000016",
+    ]
     damage = {
         "step_000030/model.safetensors": (_truncate, "is truncated or altered"),
         "step_000028/optimizer.safetensors": (_flip_a_byte, "is corrupt (SHA-256 does not match the manifest)"),
@@ -403,15 +467,27 @@ def test_corrupt_checkpoints_are_skipped_down_to_a_complete_one(tmp_path, data_d
         assert warning.endswith(f"; moved it to broken_{step_dir} and falling back to an older one")
         assert (ckpts / f"broken_{step_dir}").is_dir()
     assert f"resuming from {ckpts / 'step_000016'}" in out.stderr
-    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_000030", "step_000028", "step_000024", "step_000020", "step_000016"]
-    assert all(verify_checkpoint(p) is None for p in list_checkpoints(run_dir / "checkpoints"))  # written again, complete
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == [
+        "step_000030",
+        "step_000028",
+        "step_000024",
+        "step_000020",
+        "step_000016",
+    ]
+    assert all(
+        verify_checkpoint(p) is None for p in list_checkpoints(run_dir / "checkpoints")
+    )  # written again, complete
     assert_same_run(run_dir, reference)
 
 
 def test_checkpoints_sort_by_step_number(tmp_path):
     for step in (999_999, 1_000_000, 8):
         (tmp_path / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
-    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_1000000", "step_999999", "step_000008"]
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [
+        "step_1000000",
+        "step_999999",
+        "step_000008",
+    ]
 
 
 # ----------------------------------------------------------------------------- NaN / inf
@@ -425,7 +501,9 @@ def test_nan_loss_stops_without_touching_the_last_checkpoint(tmp_path, data_dir,
     assert "Traceback" not in out.stderr
     assert list_checkpoints(run_dir / "checkpoints")[0].name == "step_000008"
     assert verify_checkpoint(run_dir / "checkpoints" / "step_000008") is None
-    assert (run_dir / "model.safetensors").read_bytes() == (run_dir / "checkpoints" / "step_000008" / "model.safetensors").read_bytes()
+    assert (run_dir / "model.safetensors").read_bytes() == (
+        run_dir / "checkpoints" / "step_000008" / "model.safetensors"
+    ).read_bytes()
     assert last_logged_step(run_dir) == 9
 
     out = run(pretrain_cmd(run_dir, data_dir))  # the NaN was transient: the same command carries on from step 8
@@ -442,7 +520,10 @@ def test_nan_loss_skip_leaves_the_weights_unchanged(tmp_path, data_dir):
     rows = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
     assert rows[10]["train_loss"] is None and rows[9]["train_loss"] is not None and rows[11]["train_loss"] is not None
     ckpts = run_dir / "checkpoints"
-    before, after = load_file(ckpts / "step_000009" / "model.safetensors"), load_file(ckpts / "step_000010" / "model.safetensors")
+    before, after = (
+        load_file(ckpts / "step_000009" / "model.safetensors"),
+        load_file(ckpts / "step_000010" / "model.safetensors"),
+    )
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(torch.isfinite(t).all() for t in load_file(run_dir / "model.safetensors").values())
 
@@ -451,7 +532,10 @@ def test_diverging_run_stops_on_the_first_non_finite_loss(tmp_path, data_dir):
     run_dir = tmp_path / "run"
     out = run(pretrain_cmd(run_dir, data_dir, 1, "--train.lr=1e30", "--train.min_lr=0", "--train.warmup_steps=0"))
     assert out.returncode == 2
-    assert re.match(r"error: the (loss|gradient norm) became (nan|inf) at step 2; stopping without saving", out.stderr.splitlines()[-1])
+    assert re.match(
+        r"error: the (loss|gradient norm) became (nan|inf) at step 2; stopping without saving",
+        out.stderr.splitlines()[-1],
+    )
     assert not (run_dir / "model.safetensors").exists() and list_checkpoints(run_dir / "checkpoints") == []
 
 
@@ -461,7 +545,14 @@ def test_diverging_run_stops_on_the_first_non_finite_loss(tmp_path, data_dir):
 def test_checkpoints_hold_only_safetensors_and_json(reference):
     for folder in list_checkpoints(reference / "checkpoints"):
         names = sorted(p.name for p in folder.iterdir())
-        assert names == ["MANIFEST.json", "model.safetensors", "optimizer.safetensors", "rng_rank0.json", "rng_rank0.safetensors", "trainer.json"]
+        assert names == [
+            "MANIFEST.json",
+            "model.safetensors",
+            "optimizer.safetensors",
+            "rng_rank0.json",
+            "rng_rank0.safetensors",
+            "trainer.json",
+        ]
         for p in folder.glob("*.json"):
             json.loads(p.read_text())
         for p in folder.glob("*.safetensors"):
@@ -478,7 +569,12 @@ def test_no_pickle_loading_or_remote_code_in_the_source():
     )
     sources = [*(REPO / "dist_gpt").rglob("*.py"), *(REPO / "launch").glob("*.py"), *(REPO / "data").glob("*.py")]
     assert len(sources) > 10
-    hits = [f"{p.relative_to(REPO)}:{i}: {line.strip()}" for p in sources for i, line in enumerate(p.read_text().splitlines(), 1) if unsafe.search(line)]
+    hits = [
+        f"{p.relative_to(REPO)}:{i}: {line.strip()}"
+        for p in sources
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if unsafe.search(line)
+    ]
     assert hits == []
 
 
@@ -509,11 +605,17 @@ def test_manifest_must_list_every_file_and_only_files_inside(reference, tmp_path
     assert "names a file outside the checkpoint" in verify_checkpoint(ckpt)
 
 
-@pytest.mark.parametrize("manifest", ["{not json", "[]", '{"files": []}', '{"files": {"model.safetensors": 3}}', '{"step": 1}', "\xff\xfe"])
+@pytest.mark.parametrize(
+    "manifest", ["{not json", "[]", '{"files": []}', '{"files": {"model.safetensors": 3}}', '{"step": 1}', "\xff\xfe"]
+)
 def test_a_malformed_manifest_skips_the_checkpoint_with_a_warning(reference, tmp_path, manifest):
     ckpt = _copy_checkpoint(reference, tmp_path)
     (ckpt / "MANIFEST.json").write_bytes(manifest.encode("latin-1"))
     assert verify_checkpoint(ckpt).endswith("MANIFEST.json is corrupt")
     warnings: list[str] = []
     assert find_resumable(tmp_path / "checkpoints", warnings.append) is None
-    assert len(warnings) == 1 and "skipping checkpoint" in warnings[0] and (tmp_path / "checkpoints" / f"broken_{ckpt.name}").is_dir()
+    assert (
+        len(warnings) == 1
+        and "skipping checkpoint" in warnings[0]
+        and (tmp_path / "checkpoints" / f"broken_{ckpt.name}").is_dir()
+    )

@@ -17,7 +17,9 @@ from dist_gpt.sample import SEPARATOR, StreamPrinter, generate_samples
 from dist_gpt.tokenizers import train_tokenizer
 
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\nPROMPT:\nRESPONSE:\n\n"
-ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # also without `pip install -e .`
+ENV = {
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+}  # also without `pip install -e .`
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,20 @@ def test_one_sample_goes_alone_to_stdout_and_same_seed_reproduces(run_dir):
 
 
 def test_several_samples_are_separated_and_kv_cache_does_not_change_them(run_dir):
-    args = ["--prompt", "be", "--max_new_tokens", "40", "--num_samples", "3", "--top_k", "5", "--top_p", "0.9", "--temperature", "0.8"]
+    args = [
+        "--prompt",
+        "be",
+        "--max_new_tokens",
+        "40",
+        "--num_samples",
+        "3",
+        "--top_k",
+        "5",
+        "--top_p",
+        "0.9",
+        "--temperature",
+        "0.8",
+    ]
     cached = sample(run_dir, *args)
     assert cached.returncode == 0, cached.stderr
     samples = cached.stdout.split(SEPARATOR + "\n")
@@ -84,7 +99,19 @@ def test_errors_are_one_line(run_dir, tmp_path):
 def test_help_explains_every_flag():
     result = run_script("sample.py", "--help", env=ENV, timeout=60)
     assert result.returncode == 0
-    for flag in ("--run", "--prompt", "--max_new_tokens", "--temperature", "--top_k", "--top_p", "--num_samples", "--seed", "--no_kv_cache", "--device", "--chat"):
+    for flag in (
+        "--run",
+        "--prompt",
+        "--max_new_tokens",
+        "--temperature",
+        "--top_k",
+        "--top_p",
+        "--num_samples",
+        "--seed",
+        "--no_kv_cache",
+        "--device",
+        "--chat",
+    ):
         assert flag in result.stdout
 
 
@@ -137,10 +164,14 @@ def test_chat_style_stop_ends_every_sample():
             for token in [0, 2, 2, 4, 4, 4][:max_new_tokens]:
                 yield torch.full((idx.size(0),), token)
 
-    opts = argparse.Namespace(max_new_tokens=6, num_samples=2, seed=0, temperature=1.0, top_k=None, top_p=None, no_kv_cache=False)
+    opts = argparse.Namespace(
+        max_new_tokens=6, num_samples=2, seed=0, temperature=1.0, top_k=None, top_p=None, no_kv_cache=False
+    )
     out, err = io.StringIO(), io.StringIO()
     generate_samples(Model(), Letters(), "b", [1], opts, out, err, stop="\n\n")
     assert out.getvalue() == f"ba\n{SEPARATOR}\nba\n"
     out = io.StringIO()
-    generate_samples(Model(), Letters(), "b", [1], argparse.Namespace(**{**vars(opts), "num_samples": 1}), out, err, stop="\n\n")
+    generate_samples(
+        Model(), Letters(), "b", [1], argparse.Namespace(**{**vars(opts), "num_samples": 1}), out, err, stop="\n\n"
+    )
     assert out.getvalue() == "ba\n"

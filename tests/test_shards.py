@@ -106,9 +106,13 @@ def test_shards_hold_the_documents_in_order_and_the_manifest_describes_them(corp
     assert meta["tokenizer_fingerprint"] == tok.fingerprint() and meta["shard_tokens"] == SHARD
     assert [s["name"] for s in meta["shards"]["val"]] == ["val_00000_0000.bin"]
     names = [s["name"] for s in meta["shards"]["train"]]
-    assert names[0] == "train_00000_0000.bin" and len(names) > 40 and len({n[6:11] for n in names}) == 4  # 4 input files
+    assert (
+        names[0] == "train_00000_0000.bin" and len(names) > 40 and len({n[6:11] for n in names}) == 4
+    )  # 4 input files
     for s in meta["shards"]["train"]:
-        assert (data_dir / s["name"]).stat().st_size == 2 * s["tokens"] and sha256_file(data_dir / s["name"]) == s["sha256"]
+        assert (data_dir / s["name"]).stat().st_size == 2 * s["tokens"] and sha256_file(data_dir / s["name"]) == s[
+            "sha256"
+        ]
     last_of_file = {n[:11]: n for n in names}.values()  # every shard is SHARD tokens but each input file's last one
     assert all(s["tokens"] == SHARD for s in meta["shards"]["train"] if s["name"] not in last_of_file)
     assert "up to date" in "".join(log_of(lambda log: sharded(corpus["jsonl"] / "*.jsonl", data_dir, log=log)))
@@ -130,7 +134,12 @@ def test_parquet_with_two_tokenizing_processes_gives_the_same_shards(corpus, dat
 def test_the_default_layout_is_one_array_per_split(shakespeare, tmp_path):
     meta = prepare(DataConfig(source=str(shakespeare)), data_dir=tmp_path / "d", log=quiet)
     assert "layout" not in meta and "shards" not in meta
-    assert sorted(p.name for p in (tmp_path / "d").iterdir() if not p.name.startswith(".")) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in (tmp_path / "d").iterdir() if not p.name.startswith(".")) == [
+        "meta.json",
+        "tokenizer.json",
+        "train.bin",
+        "val.bin",
+    ]
     split = open_split(tmp_path / "d", "train")
     assert not split.sharded and len(split) == meta["tokens"]["train"]
 
@@ -168,7 +177,9 @@ def test_a_stopped_prepare_resumes_after_its_last_shard(corpus, data_dir, tmp_pa
 
     monkeypatch.setattr(shards_mod.ShardFile, "commit", commit)
     lines = log_of(lambda log: sharded(corpus["jsonl"] / "*.jsonl", out, log=log))
-    assert any("part1.jsonl: " in line and "shard(s) already written; continuing at row" in line for line in lines), lines
+    assert any("part1.jsonl: " in line and "shard(s) already written; continuing at row" in line for line in lines), (
+        lines
+    )
     assert not any("part0.jsonl" in line for line in lines)  # the first file was finished: not read again
     assert all((out / n).stat().st_ino == ino and (out / n).stat().st_mtime_ns == t for n, (ino, t) in before.items())
     assert shard_bytes(out) == shard_bytes(data_dir)
@@ -180,7 +191,9 @@ def test_a_missing_shard_is_one_error_and_prepare_rebuilds_it_alone(corpus, data
     d = copy_of(data_dir, tmp_path / "d")
     lost = d / "train_00002_0003.bin"
     lost.unlink()
-    with pytest.raises(UserError, match=r"the train shard .*train_00002_0003\.bin is missing: run `python launch/prepare.py` again"):
+    with pytest.raises(
+        UserError, match=r"the train shard .*train_00002_0003\.bin is missing: run `python launch/prepare.py` again"
+    ):
         open_split(d, "train")
     others = {p.name: p.stat().st_mtime_ns for p in d.glob("*.bin")}
     lines = log_of(lambda log: sharded(corpus["jsonl"] / "*.jsonl", d, log=log))
@@ -196,7 +209,10 @@ def test_a_corrupt_shard_is_one_error_when_read(data_dir, tmp_path):
     data[100] ^= 1
     victim.write_bytes(bytes(data))
     split = open_split(d, "train")  # sizes are right: found when the shard is first read
-    with pytest.raises(UserError, match=r"shard .*train_00000_0000\.bin is corrupt \(its size or SHA-256 differs from meta\.json's\): delete it"):
+    with pytest.raises(
+        UserError,
+        match=r"shard .*train_00000_0000\.bin is corrupt \(its size or SHA-256 differs from meta\.json's\): delete it",
+    ):
         np.asarray(split.tokens[:10])
 
 
@@ -212,7 +228,9 @@ def test_two_prepare_workers_split_the_files_and_the_last_writes_the_manifest(co
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert sum(f"prepared {out} in" in o for o in outputs) == 1, outputs  # exactly one worker wrote meta.json
-    assert "part0.jsonl" in outputs[0] and "part2.jsonl" in outputs[0] and "part1.jsonl" not in outputs[0]  # files 0, 2 and 1, 3
+    assert (
+        "part0.jsonl" in outputs[0] and "part2.jsonl" in outputs[0] and "part1.jsonl" not in outputs[0]
+    )  # files 0, 2 and 1, 3
     assert "part1.jsonl" in outputs[1] and "part3.jsonl" in outputs[1] and "part0.jsonl" not in outputs[1]
     assert shard_bytes(out) == shard_bytes(data_dir) and meta_of(out)["shards"] == meta_of(data_dir)["shards"]
 
@@ -252,7 +270,9 @@ def test_resume_is_exact_across_a_shard_boundary_with_another_world_size(train):
     got = [torch.cat([r.next_batch()[0] for r in first]) for _ in range(before)]
     state = first[0].state_dict()
     assert state == first[1].state_dict() and state["position"] == 6 * before
-    later = [BatchLoader(train, BLOCK, 2, seed=5, rank=r, world_size=3) for r in range(3)]  # the checkpoint resumed on 3 processes
+    later = [
+        BatchLoader(train, BLOCK, 2, seed=5, rank=r, world_size=3) for r in range(3)
+    ]  # the checkpoint resumed on 3 processes
     for r in later:
         r.load_state_dict(json.loads(json.dumps(state)))
     got += [torch.cat([r.next_batch()[0] for r in later]) for _ in range(after)]
@@ -277,7 +297,9 @@ def test_random_windows_read_each_shard_once_per_epoch_in_a_seeded_order(train):
     assert not np.array_equal(again, shards)  # the next epoch reads the shards in another order
     x, y = BatchLoader(train, BLOCK, 8, seed=1).next_batch()
     s0, st0 = w.locate(np.arange(8))
-    for row_x, row_y, s, st in zip(x, y, s0, st0, strict=True):  # a window is block_size + 1 consecutive tokens of one shard
+    for row_x, row_y, s, st in zip(
+        x, y, s0, st0, strict=True
+    ):  # a window is block_size + 1 consecutive tokens of one shard
         tokens = np.asarray(train.array(int(s))[st : st + BLOCK + 1]).astype(np.int64)
         assert torch.equal(row_x, torch.from_numpy(tokens[:-1])) and torch.equal(row_y, torch.from_numpy(tokens[1:]))
 
@@ -288,7 +310,10 @@ def test_sequential_mode_and_evaluation_read_in_order(data_dir, train):
     assert torch.equal(x, torch.from_numpy(flat.reshape(8, BLOCK)))
     val = open_split(data_dir, "val")
     batches = list(eval_batches(val, BLOCK, 4, 3, seed=9))
-    assert torch.equal(torch.cat([b[0] for b in batches]), torch.from_numpy(np.asarray(val.tokens[: 12 * BLOCK]).astype(np.int64).reshape(12, BLOCK)))
+    assert torch.equal(
+        torch.cat([b[0] for b in batches]),
+        torch.from_numpy(np.asarray(val.tokens[: 12 * BLOCK]).astype(np.int64).reshape(12, BLOCK)),
+    )
     ranks = [list(eval_batches(val, BLOCK, 4, 3, seed=9, rank=r, world_size=2)) for r in range(2)]
     assert torch.equal(ranks[0][1][0], batches[2][0]) and torch.equal(ranks[1][0][0], batches[1][0])
 
@@ -329,7 +354,9 @@ class Server:
                 pass
 
         self.counts = counts
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+        self.httpd = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(Handler, directory=str(folder))
+        )
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
@@ -362,14 +389,19 @@ def test_shards_at_a_url_are_fetched_ahead_and_deleted_behind_within_the_disk_bu
     meta = prepare(cfg, data_dir=local, log=quiet, block_size=BLOCK)
     assert meta["base"] == f"{server.url}/" and meta["fingerprint"] == meta_of(data_dir)["fingerprint"]
     assert not list(local.glob("*.bin"))  # nothing fetched before it is needed
-    remote, here = BatchLoader(open_split(local, "train", cfg), BLOCK, 64, seed=2), BatchLoader(open_split(data_dir, "train"), BLOCK, 64, seed=2)
+    remote, here = (
+        BatchLoader(open_split(local, "train", cfg), BLOCK, 64, seed=2),
+        BatchLoader(open_split(data_dir, "train"), BLOCK, 64, seed=2),
+    )
     most = 0
     for _ in range(60):  # 3,840 windows: about 6 shards
         assert torch.equal(remote.next_batch()[0], here.next_batch()[0])
         most = max(most, disk_use(local))
     assert most <= 5 * 2 * SHARD  # the budget held
     fetched = [k for k in server.counts if k.startswith("/train_")]
-    assert len(fetched) >= 6 and all(v == 1 for k, v in server.counts.items() if k.startswith("/train_"))  # each fetched once
+    assert len(fetched) >= 6 and all(
+        v == 1 for k, v in server.counts.items() if k.startswith("/train_")
+    )  # each fetched once
     assert "up to date" in "".join(log_of(lambda log: prepare(cfg, data_dir=local, log=log, block_size=BLOCK)))
 
 
@@ -382,7 +414,10 @@ def test_a_corrupt_download_is_retried_then_one_error(served, tmp_path, monkeypa
     (folder / name).write_bytes(bytes(data))
     prepare(DataConfig(source=f"{server.url}/meta.json"), data_dir=tmp_path / "local", log=quiet, block_size=BLOCK)
     split = open_split(tmp_path / "local", "train")
-    with pytest.raises(UserError, match=rf"could not fetch shard {name} from {server.url}/{name} after 4 tries \(last: got 40,000 bytes with SHA-256"):
+    with pytest.raises(
+        UserError,
+        match=rf"could not fetch shard {name} from {server.url}/{name} after 4 tries \(last: got 40,000 bytes with SHA-256",
+    ):
         split.array(3)
     assert server.counts[f"/{name}"] == 4 and not (tmp_path / "local" / name).exists()
 
@@ -406,7 +441,9 @@ def test_a_file_url_copies_and_a_path_reads_in_place(data_dir, tmp_path):
     assert not list(in_place.glob("*.bin"))  # read from data_dir itself
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "meta.json").write_text('{"format": 2, "tokens": {"train": 5}}')
-    with pytest.raises(UserError, match=r"data\.source .*other/meta\.json is not the meta\.json of a sharded dist_gpt folder"):
+    with pytest.raises(
+        UserError, match=r"data\.source .*other/meta\.json is not the meta\.json of a sharded dist_gpt folder"
+    ):
         prepare(DataConfig(source=str(tmp_path / "other" / "meta.json")), data_dir=tmp_path / "bad", log=quiet)
 
 
@@ -446,7 +483,10 @@ def test_sharded_settings_that_cannot_work_are_one_error(corpus, tmp_path, keys,
 @pytest.mark.parametrize(
     ("records", "message"),
     [
-        ([{"body": "no text field"}], r"the corpus is empty: .*bad\.jsonl: no record has a 'text' field with text \(set data\.text_field\)"),
+        (
+            [{"body": "no text field"}],
+            r"the corpus is empty: .*bad\.jsonl: no record has a 'text' field with text \(set data\.text_field\)",
+        ),
         ([{"text": "fine"}, {"text": 5}], r"bad\.jsonl: field 'text' holds int values, not text"),
     ],
 )
@@ -480,7 +520,9 @@ def test_a_changed_input_file_rebuilds(corpus, tmp_path):
 
 
 def test_prepare_world_belongs_to_launch_prepare(tmp_path):
-    with pytest.raises(UserError, match=r"data\.prepare_world > 1 splits a sharded prepare over several launch/prepare\.py workers"):
+    with pytest.raises(
+        UserError, match=r"data\.prepare_world > 1 splits a sharded prepare over several launch/prepare\.py workers"
+    ):
         load_config(None, ["--data.prepare_world=2"], "pretrain")
     with pytest.raises(UserError, match=r"data\.prepare_rank must be in \[0, data\.prepare_world = 2\), got 2"):
         load_config(None, ["--data.prepare_world=2", "--data.prepare_rank=2"], "prepare")
@@ -526,8 +568,21 @@ def test_gpt2_decode_skips_the_padded_vocabulary(fineweb_like, monkeypatch):
 def test_fineweb_recipe_and_its_training_config_on_local_shards(corpus, fineweb_like, tmp_path):
     """data/fineweb.py on local parquet files, then configs/gpt2_124m_fineweb.yaml's code path with a tiny model on CPU."""
     d, env = tmp_path / "fineweb", {**fineweb_like["env"], "PYTHONPATH": str(REPO)}
-    data = [f"--data.source={fineweb_like['source']}", f"--data.dir={d}", "--data.shard_tokens=50000", "--data.val_tokens=20001", "--data.num_proc=1"]
-    out = subprocess.run([sys.executable, "data/fineweb.py", *data], cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    data = [
+        f"--data.source={fineweb_like['source']}",
+        f"--data.dir={d}",
+        "--data.shard_tokens=50000",
+        "--data.val_tokens=20001",
+        "--data.num_proc=1",
+    ]
+    out = subprocess.run(
+        [sys.executable, "data/fineweb.py", *data],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
     assert out.returncode == 0, out.stderr + out.stdout
     meta = meta_of(d)
     assert meta["tokenizer"] == "gpt2" and meta["eot_id"] == 50256 and meta["tokens"]["val"] == 20001
@@ -535,18 +590,40 @@ def test_fineweb_recipe_and_its_training_config_on_local_shards(corpus, fineweb_
     starts = np.flatnonzero(ids == 50256)
     assert len(starts) == len(corpus["docs"]) and starts[0] == 0  # <|endoftext|> before every document
 
-    tiny = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=64", "--train.batch_size=4"]
-    tiny += ["--train.tokens_per_step=512", "--train.max_steps=8", "--train.warmup_steps=2", "--train.eval_interval=4", "--train.eval_iters=2"]
-    tiny += ["--train.checkpoint_interval=4", "--train.compile=false", "--train.mixed_precision=no", "--log.wandb=false", "--log.progress=false"]
+    tiny = [
+        "--model.n_layer=2",
+        "--model.n_head=2",
+        "--model.n_embd=32",
+        "--model.block_size=64",
+        "--train.batch_size=4",
+    ]
+    tiny += [
+        "--train.tokens_per_step=512",
+        "--train.max_steps=8",
+        "--train.warmup_steps=2",
+        "--train.eval_interval=4",
+        "--train.eval_iters=2",
+    ]
+    tiny += [
+        "--train.checkpoint_interval=4",
+        "--train.compile=false",
+        "--train.mixed_precision=no",
+        "--log.wandb=false",
+        "--log.progress=false",
+    ]
     tiny += ["--train.sample_tokens=0"]  # the toy ranks file has ids 262..50255 missing: a sample would name them
     run_dir = tmp_path / "run"
     args = ["--config", "configs/gpt2_124m_fineweb.yaml", *data, f"--run.out_dir={run_dir}", *tiny]
     out = run_script("pretrain.py", *args, env=env)
     assert out.returncode == 0, out.stderr
-    assert "tokens per optimizer step: 4 (micro-batch) x 64 (block) x 2 (accumulation) x 1 (processes) = 512" in out.stderr
+    assert (
+        "tokens per optimizer step: 4 (micro-batch) x 64 (block) x 2 (accumulation) x 1 (processes) = 512" in out.stderr
+    )
     assert f"{d} is up to date" in out.stderr
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "val_loss" in r] == [0, 4, 8] and all(np.isfinite(r["train_loss"]) for r in rows if "train_loss" in r)
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 4, 8] and all(
+        np.isfinite(r["train_loss"]) for r in rows if "train_loss" in r
+    )
     out = run_script("evaluate.py", "--run", str(run_dir), "--json", env=env)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["tokens"] == 20000  # the val split's 20,001 tokens: every target once
@@ -562,7 +639,9 @@ def test_two_process_run_killed_and_rerun_across_a_shard_boundary_is_bit_identic
     from dist_gpt.checkpoint import find_resumable
 
     d = tmp_path / "data"
-    sharded(corpus["jsonl"] / "*.jsonl", d, shard_tokens=1000, val_tokens=2000)  # 31 windows per shard, 16 per step: a boundary every 2 steps
+    sharded(
+        corpus["jsonl"] / "*.jsonl", d, shard_tokens=1000, val_tokens=2000
+    )  # 31 windows per shard, 16 per step: a boundary every 2 steps
     extra = ["--data.shard_tokens=1000", "--data.val_tokens=2000", f"--data.source={corpus['jsonl']}/*.jsonl"]
     reference = tmp_path / "ref"
     out = run(pretrain_cmd(reference, d, 2, *extra))
@@ -581,6 +660,8 @@ def test_two_process_run_killed_and_rerun_across_a_shard_boundary_is_bit_identic
     assert "resuming from" in out.stderr
     assert_same_run(run_dir, reference)
 
-    loader = BatchLoader(open_split(d, "train"), 32, 8, seed=1337)  # the samples the resumed run trained on (16 per step)
+    loader = BatchLoader(
+        open_split(d, "train"), 32, 8, seed=1337
+    )  # the samples the resumed run trained on (16 per step)
     shards, _ = loader._sampler.windows.locate(np.arange(16 * resume_step, 16 * STEPS))
     assert len(set(shards.tolist())) >= 2  # they cross at least one shard boundary

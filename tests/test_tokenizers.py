@@ -114,7 +114,11 @@ def test_gpt2_offline_says_how_to_supply_the_files(monkeypatch, tmp_path):
     monkeypatch.setattr(tiktoken, "get_encoding", no_network)
     with pytest.raises(UserError) as e:
         train_tokenizer("gpt2", [], 0)
-    assert "could not be downloaded" in str(e.value) and "TIKTOKEN_CACHE_DIR" in str(e.value) and GPT2_FILE_ENV in str(e.value)
+    assert (
+        "could not be downloaded" in str(e.value)
+        and "TIKTOKEN_CACHE_DIR" in str(e.value)
+        and GPT2_FILE_ENV in str(e.value)
+    )
     monkeypatch.setenv(GPT2_FILE_ENV, str(tmp_path / "missing.tiktoken"))
     with pytest.raises(UserError, match="does not exist"):
         train_tokenizer("gpt2", [], 0)

@@ -49,8 +49,14 @@ def error(tmp_path: Path, text: str | bytes, overrides: list[str] = (), stage: s
 
 
 def test_duplicate_keys_at_any_level_name_the_key_and_both_lines():
-    assert refused("train:\n  lr: 1.0e-3\n  batch_size: 4\n  lr: 300\n") == "key 'lr' appears twice in one mapping (lines 2 and 4); keep one"
-    assert refused("train: {}\nmodel: {}\ntrain: {}\n") == "key 'train' appears twice in one mapping (lines 1 and 3); keep one"
+    assert (
+        refused("train:\n  lr: 1.0e-3\n  batch_size: 4\n  lr: 300\n")
+        == "key 'lr' appears twice in one mapping (lines 2 and 4); keep one"
+    )
+    assert (
+        refused("train: {}\nmodel: {}\ntrain: {}\n")
+        == "key 'train' appears twice in one mapping (lines 1 and 3); keep one"
+    )
     assert "key 'a' appears twice" in refused("x:\n  - {a: 1, b: 2, a: 3}\n")  # inside a list, in flow style
 
 
@@ -61,9 +67,13 @@ def test_merge_keys_may_be_overridden():
 
 
 def test_alias_bombs_are_refused_without_expanding():
-    laughs = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True))
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True)
+    )
     assert refused(laughs).startswith(f"more than {MAX_ALIASES} aliases (*name)")
-    doubling = "a0: &a0 [x, x]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}]\n" for i in range(1, 16))  # 30 aliases, 2**16 values
+    doubling = "a0: &a0 [x, x]\n" + "".join(
+        f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}]\n" for i in range(1, 16)
+    )  # 30 aliases, 2**16 values
     assert refused(doubling).startswith("its aliases expand to more than 10000 values")
     assert refused("a: &a [*a]\n").startswith("its aliases expand to more than")  # a list that holds itself
     assert parse_yaml("base: &b 3\nx: [*b, *b]\n") == {"base": 3, "x": [3, 3]}  # a few aliases are fine
@@ -81,9 +91,16 @@ def test_loader_is_a_safe_loader():
 
 
 def test_file_errors_are_one_line(tmp_path):
-    assert error(tmp_path, b"train:\n  sample_prompt: caf\xe9\n") == f"config file {tmp_path / 'c.yaml'} is not UTF-8 text (byte offset 27); save it as UTF-8"
-    assert "is not valid YAML: expected ',' or ']', but got '<stream end>' at line 2" in error(tmp_path, "train: [1, 2\n")
-    assert "a value cannot be read (Exceeds the limit (4300 digits) for integer string conversion" in error(tmp_path, "run:\n  seed: " + "9" * 5000)
+    assert (
+        error(tmp_path, b"train:\n  sample_prompt: caf\xe9\n")
+        == f"config file {tmp_path / 'c.yaml'} is not UTF-8 text (byte offset 27); save it as UTF-8"
+    )
+    assert "is not valid YAML: expected ',' or ']', but got '<stream end>' at line 2" in error(
+        tmp_path, "train: [1, 2\n"
+    )
+    assert "a value cannot be read (Exceeds the limit (4300 digits) for integer string conversion" in error(
+        tmp_path, "run:\n  seed: " + "9" * 5000
+    )
     (tmp_path / "dir.yaml").mkdir()
     with pytest.raises(UserError, match="dir.yaml is a directory; pass a YAML file"):
         load_config(str(tmp_path / "dir.yaml"), [], "pretrain")
@@ -113,7 +130,9 @@ def test_config_files_merge_in_order_then_the_command_line(tmp_path):
     cfg = parse_stage_args(args[2:] + args[:2], "pretrain", "usage")  # the other order: a.yaml's lr wins
     assert cfg.train.lr == 0.1
     assert parse_stage_args([], "pretrain", "usage", default_config=str(tmp_path / "b.yaml")).train.lr == 0.2
-    assert parse_stage_args(args[:2], "pretrain", "usage", default_config=str(tmp_path / "b.yaml")).train.lr == 0.1  # no default with --config
+    assert (
+        parse_stage_args(args[:2], "pretrain", "usage", default_config=str(tmp_path / "b.yaml")).train.lr == 0.1
+    )  # no default with --config
 
 
 def test_help_documents_the_merge(capsys):
@@ -190,20 +209,35 @@ def test_limits_themselves_are_accepted():
 def test_lora_alpha_must_be_positive_with_lora():
     with pytest.raises(UserError, match="finetune.lora_alpha must be > 0 with LoRA"):
         load_config(None, ["--finetune.init_from=x", "--finetune.lora_rank=8", "--finetune.lora_alpha=0"], "finetune")
-    assert load_config(None, ["--finetune.init_from=x", "--finetune.lora_alpha=0"], "finetune").finetune.lora_alpha == 0  # no LoRA: unused
+    assert (
+        load_config(None, ["--finetune.init_from=x", "--finetune.lora_alpha=0"], "finetune").finetune.lora_alpha == 0
+    )  # no LoRA: unused
 
 
 def test_tilde_is_expanded_in_local_paths():
     home = os.path.expanduser("~")
     cfg = load_config(
         None,
-        ["--run.out_dir=~/runs/x", "--data.dir=~/data/x", "--data.source=~/a.txt, ~/b.txt", "--finetune.init_from=~/runs/parent"],
+        [
+            "--run.out_dir=~/runs/x",
+            "--data.dir=~/data/x",
+            "--data.source=~/a.txt, ~/b.txt",
+            "--finetune.init_from=~/runs/parent",
+        ],
         "finetune",
     )
-    assert cfg.run.out_dir == f"{home}/runs/x" and cfg.data.dir == f"{home}/data/x" and cfg.finetune.init_from == f"{home}/runs/parent"
+    assert (
+        cfg.run.out_dir == f"{home}/runs/x"
+        and cfg.data.dir == f"{home}/data/x"
+        and cfg.finetune.init_from == f"{home}/runs/parent"
+    )
     assert cfg.data.source == f"{home}/a.txt,{home}/b.txt"
-    cfg = load_config(None, ["--data.source=https://example.com/~user/a.txt", "--finetune.init_from=hf:~/gpt2"], "finetune")
-    assert cfg.data.source == "https://example.com/~user/a.txt" and cfg.finetune.init_from == "hf:~/gpt2"  # resolve_hf expands hf: folders
+    cfg = load_config(
+        None, ["--data.source=https://example.com/~user/a.txt", "--finetune.init_from=hf:~/gpt2"], "finetune"
+    )
+    assert (
+        cfg.data.source == "https://example.com/~user/a.txt" and cfg.finetune.init_from == "hf:~/gpt2"
+    )  # resolve_hf expands hf: folders
 
 
 def test_saved_configs_are_checked_too(tmp_path):
