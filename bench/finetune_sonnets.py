@@ -139,9 +139,8 @@ def main() -> None:
         "--quick", action="store_true", help="a smoke parent and 3 s budgets: checks the plumbing, measures nothing"
     )
     p.add_argument("--no_lora", action="store_true", help="skip the LoRA SFT run")
-    p.add_argument(
-        "--scratch", nargs=3, metavar=("PARENT", "DATA_DIR", "OUT"), help=argparse.SUPPRESS
-    )  # the baseline, run in its own process
+    # the baseline, run in its own process
+    p.add_argument("--scratch", nargs=3, metavar=("PARENT", "DATA_DIR", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     text_cfg, sft_cfg = REPO / "configs" / "finetune_sonnets.yaml", REPO / "configs" / "sft_sonnets.yaml"
     budget = args.budget or (3.0 if args.quick else 0.0)

@@ -1108,9 +1108,8 @@ def prepare(ctx: Ctx, source: Path) -> int:
 
 def subprocess_env(dry: bool) -> dict[str, str]:
     env = dict(os.environ)
-    path = (
-        [str(REPO / "bench" / "gpu_nodeps")] if dry else []
-    )  # dry run: `datasets` and `wandb` unimportable, as on the GPU machine
+    # dry run: `datasets` and `wandb` unimportable, as on the GPU machine
+    path = [str(REPO / "bench" / "gpu_nodeps")] if dry else []
     env.update(
         PYTHONPATH=os.pathsep.join([*path, str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
         WANDB_MODE="disabled",
@@ -1158,9 +1157,8 @@ def main(argv: list[str]) -> int:
     ctx = Ctx(
         data=args.data.resolve(), out=out, work=work, dry=args.dry_run, sizes=sizes, env=subprocess_env(args.dry_run)
     )
-    ctx.compile = (
-        "false" if args.dry_run else os.environ.get("GPU_COMPILE", "true")
-    )  # GPU_COMPILE=false: every check eager
+    # GPU_COMPILE=false: every check eager
+    ctx.compile = "false" if args.dry_run else os.environ.get("GPU_COMPILE", "true")
     if args.stage == "prepare":
         return prepare(ctx, args.source)
     out.mkdir(parents=True, exist_ok=True)

@@ -396,9 +396,8 @@ def list_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     steps = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
-    return sorted(
-        steps, key=lambda p: int(p.name[5:]), reverse=True
-    )  # by number: step_1000000 is newer than step_999999
+    # by number: step_1000000 is newer than step_999999
+    return sorted(steps, key=lambda p: int(p.name[5:]), reverse=True)
 
 
 def verify_checkpoint(path: Path) -> str | None:

@@ -290,9 +290,8 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; anything this big is not one
 MAX_ALIASES = 32  # `*name` references in one file
 MAX_NODES = 10_000  # values in a file with every alias expanded
 MAX_DEPTH = 20  # nesting levels (sections, keys, a list in a value, ...)
-MAX_INT = (
-    2**63 - 1
-)  # torch's int64 (seeds: torch takes up to 2**64 - 1, which leaves room for seed + rank + 7919 * step)
+# torch's int64 (seeds: torch takes up to 2**64 - 1, which leaves room for seed + rank + 7919 * step)
+MAX_INT = 2**63 - 1
 MAX_SIZE = 2**31 - 1  # model shapes, batch sizes, counts: what torch can index
 SIZE_KEYS = (
     "data.vocab_size", "data.num_proc", "model.vocab_size", "model.block_size", "model.n_layer", "model.n_head", "model.n_embd",

@@ -104,9 +104,8 @@ def scored_text_size(data: Tokens, tokenizer: Any) -> tuple[int, int]:
     scored[data.starts[:-1][data.starts[:-1] < len(data.ids)]] = False
     if data.mask is not None:
         scored &= np.asarray(data.mask) == 1
-    edges = np.flatnonzero(
-        np.diff(np.concatenate([[0], scored.astype(np.int8), [0]]))
-    )  # run starts and ends, alternating
+    # run starts and ends, alternating
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], scored.astype(np.int8), [0]])))
     chars = nbytes = 0
     for lo, hi in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
         for a in range(lo, hi, DECODE_CHUNK):

@@ -39,12 +39,13 @@ from dist_gpt.io import atomic_write_json, atomic_write_text, disk_error, read_j
 from dist_gpt.rundir import is_run_dir, load_run
 from dist_gpt.tokenizers import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer
 
+# stored [in, out] by transformers
 CONV1D = (
     "attn.c_attn.weight",
     "attn.c_proj.weight",
     "mlp.c_fc.weight",
     "mlp.c_proj.weight",
-)  # stored [in, out] by transformers
+)
 ACTIVATIONS = {
     "gelu": "gelu_new",
     "gelu_exact": "gelu",
@@ -156,9 +157,8 @@ def to_hf_state(state: dict[str, torch.Tensor], c: GPTConfig) -> dict[str, torch
     full = dataclasses.replace(c, bias=True, mlp=True)  # the parameter set GPT-2 always has
     out = {}
     for key, shape in _shapes(full).items():
-        tensor = (
-            state[key] if key in state else torch.zeros(shape, dtype=state["transformer.wte.weight"].dtype)
-        )  # zero bias / zero MLP: exact
+        # zero bias / zero MLP: exact
+        tensor = state[key] if key in state else torch.zeros(shape, dtype=state["transformer.wte.weight"].dtype)
         out[key] = tensor.t().contiguous() if key.endswith(CONV1D) else tensor.contiguous()
     return out
 
@@ -235,9 +235,8 @@ def export_hf(
     from dist_gpt.hub import write_model_card
 
     run = load_run(run_dir)
-    out = Path(
-        os.path.abspath(Path(out_dir).expanduser())
-    )  # absolute and normalised: '.' and '..' have no name to put a temp folder beside
+    # absolute and normalised: '.' and '..' have no name to put a temp folder beside
+    out = Path(os.path.abspath(Path(out_dir).expanduser()))
     replace = check_out_dir(out, run.run_dir, overwrite)
     hf_config = to_hf_config(run.config.model)  # refuses what GPT-2 cannot express before anything is written
     try:

@@ -206,9 +206,8 @@ class GPT(nn.Module):
             # row i holds the logits of the token that follows token i
             self.bigram_table = nn.Embedding(config.vocab_size, config.vocab_size)
         else:
-            layers = dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd)
-            )  # token embedding, also the LM head when tied
+            # token embedding, also the LM head when tied
+            layers = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
             if config.pos_emb == "learned":  # (rope rotates queries and keys in attention instead)
                 layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)  # learned position embedding
             layers.update(

@@ -47,9 +47,8 @@ def orthogonalize(
     wide = x.size(-2) <= x.size(-1)
     if not wide:  # iterate on the smaller Gram matrix x x^T
         x = x.mT
-    x = x / (
-        x.norm(dim=(-2, -1), keepdim=True) + eps
-    )  # spectral norm <= Frobenius norm = 1: inside the iteration's basin
+    # spectral norm <= Frobenius norm = 1: inside the iteration's basin
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
     for _ in range(steps):
         gram = x @ x.mT  # (..., rows, rows)
         x = a * x + (b * gram + c * gram @ gram) @ x  # odd polynomial a s + b s^3 + c s^5 of the singular values

@@ -85,9 +85,8 @@ FORMAT = 2  # bump when the prepared files change: everything rebuilds (2: a lea
 SPLIT_SEED = 1337  # which documents go to val
 LINES_PER_BATCH = 4096  # text lines per Dataset.map batch
 RECORDS_PER_BATCH = 256  # .jsonl / parquet / recipe records per Dataset.map batch
-READ_CHUNK = (
-    1 << 20
-)  # bytes the datasets text/json readers take at a time (their default, 10 MB, costs ~100 MB of peak memory)
+# bytes the datasets text/json readers take at a time (their default, 10 MB, costs ~100 MB of peak memory)
+READ_CHUNK = 1 << 20
 MAX_CUT_SCAN = 256  # lines searched for a clean cut before cutting anyway
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "data"
@@ -710,9 +709,8 @@ def _tokenize(corpus: Corpus, cfg: DataConfig, tokenizer: Tokenizer, dtype: str,
     import datasets
 
     if cfg.num_proc > 1 and tokenizer.kind == "bpe":
-        os.environ.setdefault(
-            "TOKENIZERS_PARALLELISM", "false"
-        )  # the processes are the parallelism; silences the fork warning
+        # the processes are the parallelism; silences the fork warning
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     kwargs = {"tokenizer": tokenizer, "unknown": cfg.unknown, "dtype": dtype, "count": count}
     features = {
         "ids": datasets.List(datasets.Value(dtype)),
@@ -804,9 +802,8 @@ def _write_split(
                 values = ids.flatten().to_numpy(zero_copy_only=False)  # the fast Arrow flatten, no per-row objects
                 a, b = max(lo - pos, 0), min(hi - pos, len(values))
                 if a < b:
-                    f.write(
-                        memoryview(values[a:b].astype(dtype, copy=False))
-                    )  # a short write raises OSError with its errno
+                    # a short write raises OSError with its errno
+                    f.write(memoryview(values[a:b].astype(dtype, copy=False)))
                 pos += len(values)
 
     staged.write(path, write)

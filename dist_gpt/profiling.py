@@ -48,13 +48,13 @@ class Profiler:
                     f"log.profile_steps={cfg.profile_steps}: this run resumes at step {first_step}, after those steps; nothing is profiled"
                 )
         elif window:
+            # a run resumed inside the window records the rest of it
             self.window = (
                 max(window[0], first_step),
                 window[1],
-            )  # a run resumed inside the window records the rest of it
-            self.start_at = max(
-                self.window[0] - 1, first_step
-            )  # one warm-up step before the window when this process runs one
+            )
+            # one warm-up step before the window when this process runs one
+            self.start_at = max(self.window[0] - 1, first_step)
         if self.history_always:
             torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
         elif cfg.memory_history and main:

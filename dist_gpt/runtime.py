@@ -70,9 +70,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
     launched_by_accelerate = "ACCELERATE_DYNAMO_BACKEND" in os.environ
     user_threads = os.environ.get("OMP_NUM_THREADS")
     if user_threads == "1" and launched_by_accelerate:
-        user_threads = (
-            None  # `accelerate launch` writes OMP_NUM_THREADS=1 when nobody asked; train.threads says it explicitly
-        )
+        # `accelerate launch` writes OMP_NUM_THREADS=1 when nobody asked; train.threads says it explicitly
+        user_threads = None
     cuda = use_cuda()
     if not cuda:  # threads first: the hardware probe below measures with them
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))

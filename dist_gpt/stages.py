@@ -194,12 +194,13 @@ examples:
 """
 
 SHAPE_FREE = ("dropout",)  # model keys a finetune may change: they are not part of the weights' shape or function
+# what the checkpoint's model, optimizer and data were built for
 RESUME_KEYS = (
     "kind",
     "lora_rank",
     "lora_alpha",
     "freeze",
-)  # what the checkpoint's model, optimizer and data were built for
+)
 
 
 @dataclass
@@ -239,18 +240,16 @@ def adopt_parent(cfg: Config, parent: Parent) -> None:
     """Give `cfg` the parent's model and tokenizer; a key the user set that contradicts them is a UserError."""
     for key, value in dataclasses.asdict(parent.config).items():
         mine = getattr(cfg.model, key)
-        auto = (key == "vocab_size" and mine == 0) or (
-            key == "attn_impl"
-        )  # 0: the tokenizer's; the kernel is not the model's shape
+        # 0: the tokenizer's; the kernel is not the model's shape
+        auto = (key == "vocab_size" and mine == 0) or (key == "attn_impl")
         if f"model.{key}" in cfg.explicit and key not in SHAPE_FREE and mine != value and not auto:
             raise UserError(
                 f"model.{key}={mine!r} contradicts the parent {cfg.finetune.init_from}, which has model.{key}={value!r}: "
                 f"a finetune keeps the parent's shape; remove model.{key} from the config and the command line (only model.dropout may change)"
             )
     dropout = cfg.model.dropout if "model.dropout" in cfg.explicit else parent.config.dropout
-    cfg.model = dataclasses.replace(
-        parent.config, dropout=dropout, attn_impl=cfg.model.attn_impl
-    )  # the kernel: decided on this machine
+    # the kernel: decided on this machine
+    cfg.model = dataclasses.replace(parent.config, dropout=dropout, attn_impl=cfg.model.attn_impl)
     tok = parent.tokenizer
     if "data.tokenizer" in cfg.explicit and cfg.data.tokenizer != tok.kind:
         raise UserError(

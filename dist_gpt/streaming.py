@@ -221,9 +221,8 @@ def _text_pieces(lines: Iterator[str | None], row: int) -> Iterator[Piece]:
     """Lines -> pieces of about LINES_PER_BATCH lines, each cut at the first clean break after that (prepare._cut)."""
     import pyarrow as pa
 
-    window = (
-        LINES_PER_BATCH + MAX_CUT_SCAN + 2
-    )  # the lines a cut looks at, so it never depends on how the lines arrived
+    # the lines a cut looks at, so it never depends on how the lines arrived
+    window = LINES_PER_BATCH + MAX_CUT_SCAN + 2
     buf: list[str] = []
     first = row == 0
     for line in lines:

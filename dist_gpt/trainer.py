@@ -29,9 +29,8 @@ from dist_gpt.rundir import RunDir
 from dist_gpt.runtime import check_replicas_agree, checkpoint_blocks, is_sharded, peak_flops, seed_everything, teardown
 from dist_gpt.tracking import Tracker, log
 
-EVAL_SHARE = (
-    0.08  # with a time budget, all the run's evaluations together (both splits) may take at most this share of it
-)
+# with a time budget, all the run's evaluations together (both splits) may take at most this share of it
+EVAL_SHARE = 0.08
 
 
 @dataclass
@@ -62,9 +61,8 @@ def affordable_eval_iters(per_batch_s: float, t: TrainConfig, world: int) -> tup
     """
     steps = min(t.max_steps, t.time_budget_s / (2 * per_batch_s * t.grad_accum))
     evaluations = 1 + int(t.eval_at_start) + int(steps // t.eval_interval)
-    affordable = (
-        int(EVAL_SHARE * t.time_budget_s / (evaluations * 2 * per_batch_s)) * world
-    )  # two splits; the ranks share the batches
+    # two splits; the ranks share the batches
+    affordable = int(EVAL_SHARE * t.time_budget_s / (evaluations * 2 * per_batch_s)) * world
     return min(t.eval_iters, max(affordable, 1)), evaluations
 
 
@@ -88,17 +86,15 @@ class Trainer:
 
         seed_everything(self.cfg.run.seed + self.rank)
         cuda = accelerator.device.type == "cuda"
-        self.recomputed_blocks = checkpoint_blocks(
-            job.model, t.activation_checkpointing
-        )  # before DDP/FSDP/compile wrap it
+        # before DDP/FSDP/compile wrap it
+        self.recomputed_blocks = checkpoint_blocks(job.model, t.activation_checkpointing)
         self.model = accelerator.prepare(job.model)
         self.sharded = is_sharded(self.model)
         ns_dtype = getattr(accelerator, "ns_dtype", torch.bfloat16)
         self.optimizer = accelerator.prepare(make_optimizer(self.model, t, sharded=self.sharded, ns_dtype=ns_dtype))
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]  # each group's peak; the schedule scales them
-        self.raw_model = accelerator.unwrap_model(
-            self.model, keep_torch_compile=False
-        )  # never rewires a compiled wrapper
+        # never rewires a compiled wrapper
+        self.raw_model = accelerator.unwrap_model(self.model, keep_torch_compile=False)
         self.flops_per_token = (
             self.raw_model.estimate_flops_per_token() if hasattr(self.raw_model, "estimate_flops_per_token") else 0
         )
@@ -301,9 +297,8 @@ class Trainer:
         self.stopping = stop > 0
         s.elapsed_s = elapsed / self.world
         loss /= self.world
-        bad_grad = (
-            clip and self.acc.scaler is None and not math.isfinite(norm_sum)
-        )  # fp16's scaler skips such steps itself
+        # fp16's scaler skips such steps itself
+        bad_grad = clip and self.acc.scaler is None and not math.isfinite(norm_sum)
         if not math.isfinite(loss) or bad_grad:
             what = (
                 f"the loss became {loss}"
@@ -362,9 +357,8 @@ class Trainer:
                 s.step += 1
                 s.tokens_seen += self.tokens_per_step
                 done, stopping = s.finished(t), self.stopping
-                eval_due = (
-                    s.step % t.eval_interval == 0 or done
-                )  # also when stopping: the metrics stay those of an uninterrupted run
+                # also when stopping: the metrics stay those of an uninterrupted run
+                eval_due = s.step % t.eval_interval == 0 or done
                 if s.step % t.log_interval == 0 or eval_due or done:
                     now = time.perf_counter()
                     tok_s = (s.tokens_seen - last_tokens) / max(now - last_time, 1e-9)

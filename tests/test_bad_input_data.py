@@ -467,9 +467,8 @@ def test_a_symlink_loop_is_walked_once(tmp_path):
         assert len(meta["source"]["files"]) == 5 and meta["documents"] == {"train": 4, "val": 1}
         tok = load_tokenizer(out / "tokenizer.json")
         val, train = tok.decode(open_split(out, "val").tokens), tok.decode(open_split(out, "train").tokens)
-        assert (
-            sum(meta["tokens"].values()) == 5 * 40 * 111 and val not in train
-        )  # each document once: no copy leaks into val
+        # each document once: no copy leaks into val
+        assert sum(meta["tokens"].values()) == 5 * 40 * 111 and val not in train
 
 
 @pytest.mark.parametrize("how", ["symlink", "hardlink", "glob-and-dir", "comma"])

@@ -114,9 +114,8 @@ def test_eval_batches_are_fixed_and_independent_of_world_size(train_split):
     assert len(by_rank[0]) == 3 and len(by_rank[1]) == 2
     for b, (x, _) in enumerate(one):
         assert torch.equal(by_rank[b % 2][b // 2][0], x)
-    assert not torch.equal(
-        one[0][0], BatchLoader(train_split, 16, 4, seed=1).next_batch()[0]
-    )  # not the training stream
+    # not the training stream
+    assert not torch.equal(one[0][0], BatchLoader(train_split, 16, 4, seed=1).next_batch()[0])
 
 
 def test_a_split_shorter_than_a_block_is_one_error(tmp_path):

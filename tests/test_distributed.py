@@ -47,13 +47,11 @@ def fsdp_worker(out: Path) -> None:
     opt, ref_opt = (torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1) for m in (model, reference))
     batches = torch.Generator().manual_seed(1)
     for _ in range(STEPS):
-        seq = torch.randint(
-            0, CFG.vocab_size, (world * MICRO, CFG.block_size + 1), generator=batches
-        )  # the same global batch everywhere
+        # the same global batch everywhere
+        seq = torch.randint(0, CFG.vocab_size, (world * MICRO, CFG.block_size + 1), generator=batches)
         x, y = seq[:, :-1], seq[:, 1:]
-        _, loss = model(
-            x.chunk(world)[rank], y.chunk(world)[rank]
-        )  # this rank's micro-batch; FSDP averages the gradients
+        # this rank's micro-batch; FSDP averages the gradients
+        _, loss = model(x.chunk(world)[rank], y.chunk(world)[rank])
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -61,9 +59,8 @@ def fsdp_worker(out: Path) -> None:
         ref_loss.backward()
         ref_opt.step()
         ref_opt.zero_grad()
-    full = get_model_state_dict(
-        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )  # gathered on rank 0
+    # gathered on rank 0
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     atomic_write_json(out / f"rank{rank}.json", {"world": world, "local_numel": local})
     if rank == 0:
         save_weights(full, out / "model.safetensors")
@@ -88,9 +85,8 @@ def test_fsdp2_shards_trains_and_saves_a_plain_model(tmp_path):
     full_numel = sum(p.numel() for p in GPT(CFG).parameters())
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["world"] == 2 for r in ranks)
-    assert (
-        sum(r["local_numel"] for r in ranks) >= full_numel > max(r["local_numel"] for r in ranks)
-    )  # really sharded (>=: padding)
+    # really sharded (>=: padding)
+    assert sum(r["local_numel"] for r in ranks) >= full_numel > max(r["local_numel"] for r in ranks)
 
     saved = load_weights(tmp_path / "model.safetensors")
     plain = GPT(CFG)

@@ -72,9 +72,8 @@ def test_matches_the_model_loss_and_is_deterministic():
         _, reference = model(ids[:-1].view(5, 8), ids[1:].view(5, 8))
     assert nll / count == pytest.approx(reference.item(), rel=1e-6)
     assert evaluate(model, data, 8, batch_size=2) == (nll, count, n_windows)  # bit-identical on a second call
-    assert evaluate(model, data, 8, batch_size=5)[0] == pytest.approx(
-        nll, rel=1e-6
-    )  # batching changes nothing but rounding
+    # batching changes nothing but rounding
+    assert evaluate(model, data, 8, batch_size=5)[0] == pytest.approx(nll, rel=1e-6)
 
     tail = Tokens(ids[:-3].numpy(), np.array([0, len(ids) - 3]))  # 37 targets: the last window scores 5 of its 8
     nll_tail, count_tail, _ = evaluate(model, tail, 8)
@@ -136,9 +135,8 @@ def test_text_file_and_errors(run_dir, tmp_path):
     text = "To be, or not to be: that is the question.\n" * 10  # 430 characters
     (tmp_path / "a.txt").write_text(text)
     r = main(["--run", str(run_dir), "--data.source", str(tmp_path / "a.txt"), "--batch_size", "3"])
-    assert (
-        r.tokens == len(text) - 1 == 429 and r.windows == 27
-    )  # 26 full windows of 16, then one for the last 13 targets
+    # 26 full windows of 16, then one for the last 13 targets
+    assert r.tokens == len(text) - 1 == 429 and r.windows == 27
 
     (tmp_path / "b.txt").write_text("ROMEO: {unknown} chars\n")
     with pytest.raises(UserError, match=r"'\{'.*data.unknown"):

@@ -279,9 +279,8 @@ def test_wsd_warms_up_holds_then_decays_to_min_lr():
     lrs = [lr_at(s, 0.0, t) for s in range(20)]
     assert lrs[:2] == pytest.approx([1 / 3, 2 / 3])  # the warmup every schedule shares
     assert lrs[2:15] == [1.0] * 13  # stable
-    assert lrs[15:] == pytest.approx(
-        [0.82, 0.64, 0.46, 0.28, 0.1]
-    )  # the last 5 steps (25%) decay linearly; the last at min_lr
+    # the last 5 steps (25%) decay linearly; the last at min_lr
+    assert lrs[15:] == pytest.approx([0.82, 0.64, 0.46, 0.28, 0.1])
     sqrt = [lr_at(s, 0.0, wsd(decay_shape="1-sqrt")) for s in range(15, 20)]
     assert sqrt == pytest.approx([1 - 0.9 * (k / 5) ** 0.5 for k in range(1, 6)])  # 1-sqrt drops faster at first
     assert lr_at(25, 0.0, t) == pytest.approx(0.1)  # past the end: min_lr
@@ -328,9 +327,8 @@ def test_extending_a_stable_wsd_checkpoint_equals_the_longer_run_from_the_start(
     assert planned.returncode == 0 and short.returncode == 0, planned.stderr + short.stderr
     p, s = learning(tmp_path / "planned"), learning(tmp_path / "short")
     assert all(s[k] == p[k] for k in range(1, 10))  # stable: identical, whatever the planned length
-    assert (
-        s[12]["lr"] == pytest.approx(3e-4) and p[12]["lr"] == 3e-3
-    )  # the short run decayed at its end, the long one not yet
+    # the short run decayed at its end, the long one not yet
+    assert s[12]["lr"] == pytest.approx(3e-4) and p[12]["lr"] == 3e-3
 
     branch = tmp_path / "extended"  # the stable checkpoint, branched into a run directory of its own
     (branch / "checkpoints").mkdir(parents=True)
@@ -422,9 +420,8 @@ def test_profile_window_and_resume(tmp_path, capsys):
     assert (
         after.window is None and "resumes at step 9, after those steps; nothing is profiled" in capsys.readouterr().err
     )
-    inside = profiler(
-        tmp_path / "b", "3-6", first_step=5
-    )  # resumed inside it: the rest of the window, no warm-up step to spare
+    # resumed inside it: the rest of the window, no warm-up step to spare
+    inside = profiler(tmp_path / "b", "3-6", first_step=5)
     assert inside.window == (5, 6) and inside.start_at == 5
     for n in range(5, 8):
         with inside.step(n):
@@ -738,9 +735,8 @@ def test_tracker_no_longer_overrides_wandb_dir(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("WANDB_DIR")
     monkeypatch.delenv("WANDB_MODE")
     Tracker(acc, run, cfg_with("--log.wandb=true", "--log.progress=false"), 0, 0.0, "abc123").bar.close()
-    assert (
-        acc.init[2]["wandb"]["dir"] == str(tmp_path / "run") and "WANDB_DIR" not in os.environ
-    )  # nothing set: RUN_DIR/wandb, offline
+    # nothing set: RUN_DIR/wandb, offline
+    assert acc.init[2]["wandb"]["dir"] == str(tmp_path / "run") and "WANDB_DIR" not in os.environ
     assert f"logging offline into {tmp_path / 'run' / 'wandb'}" in capsys.readouterr().err
 
 

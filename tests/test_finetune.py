@@ -167,9 +167,8 @@ def test_sft_loss_counts_exactly_the_response_tokens(parent, tmp_path):
         open_split(tmp_path / "data", "train"), T, len(pairs), seed=0, mode="sequential"
     ).next_batch()  # row i = pair i
 
-    expected = torch.zeros(
-        len(pairs), T, dtype=torch.bool
-    )  # expected[i, t]: position t predicts a response token of pair i
+    # expected[i, t]: position t predicts a response token of pair i
+    expected = torch.zeros(len(pairs), T, dtype=torch.bool)
     for i, (p, r) in enumerate(pairs):
         head, n = len(tok.encode(render_prompt(p))), len(tok.encode(render_prompt(p) + render_response(r)))
         for t in range(T):
@@ -233,9 +232,8 @@ def test_sft_jsonl_config_and_chat_sampling(parent, tmp_path):
     )
     assert chat.returncode == 0, chat.stderr
     prompt = render_prompt("Who is Puck?")
-    assert (
-        chat.stdout.startswith(prompt) and RESPONSE_END not in chat.stdout[len(prompt) :]
-    )  # cut where a response ends
+    # cut where a response ends
+    assert chat.stdout.startswith(prompt) and RESPONSE_END not in chat.stdout[len(prompt) :]
 
 
 # ----------------------------------------------------------------------------- errors before training
@@ -305,9 +303,8 @@ def test_data_prepared_with_another_tokenizer_is_refused(parent, tmp_path, sonne
     with pytest.raises(UserError, match="tokenizer mismatch: .* prepared with a different tokenizer"):
         check_prepared_tokenizer(tmp_path / "data", tok)
     cfg.data.unknown = "drop"
-    prepare(
-        cfg.data, data_dir=tmp_path / "data", tokenizer=tok, log=lambda _m: None
-    )  # what the finetune does: now it matches
+    # what the finetune does: now it matches
+    prepare(cfg.data, data_dir=tmp_path / "data", tokenizer=tok, log=lambda _m: None)
     check_prepared_tokenizer(tmp_path / "data", tok)
 
 

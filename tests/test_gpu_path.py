@@ -127,9 +127,8 @@ def test_compiled_run_samples_evaluates_exports_and_finetunes(compiled_run, sonn
     assert sample.returncode == 0 and sample.stdout.startswith("ROMEO:"), sample.stderr
     evaluate = run_script("evaluate.py", "--run", str(run_dir), "--json")
     assert evaluate.returncode == 0, evaluate.stderr
-    assert (
-        abs(json.loads(evaluate.stdout)["loss"] - metrics(run_dir)[10]["val_loss"]) < 0.3
-    )  # the whole split vs 4 batches
+    # the whole split vs 4 batches
+    assert abs(json.loads(evaluate.stdout)["loss"] - metrics(run_dir)[10]["val_loss"]) < 0.3
     export = run_script("export_hf.py", "--run", str(run_dir), "--out", str(tmp / "hf"))
     assert export.returncode == 0, export.stderr
     finetune = run_script(
@@ -225,9 +224,8 @@ def test_ddp_accumulation_all_reduces_once_per_step(tmp_path, shakespeare, compi
         out = torchrun(script, str(tmp_path / f"count{accum}"), *args, env=EAGER)
         assert out.returncode == 0, out.stderr[-3000:]
         counts[accum] = json.loads((tmp_path / f"count{accum}.0").read_text())
-    assert (
-        counts[1] > 0 and counts[4] == counts[1]
-    )  # 4 micro-batches per step, still one gradient all-reduce per bucket per step
+    # 4 micro-batches per step, still one gradient all-reduce per bucket per step
+    assert counts[1] > 0 and counts[4] == counts[1]
 
 
 # ----------------------------------------------------------------------------- FSDP2 through the trainer
@@ -265,9 +263,8 @@ def test_fsdp2_trainer_checkpoints_after_eval_resumes_and_saves_a_plain_model(tm
     a, b = load_file(run_dir / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
-    plain = run_script(
-        "pretrain.py", *common, f"--run.out_dir={tmp_path / 'plain'}"
-    )  # one process, no FSDP, the same global batches
+    # one process, no FSDP, the same global batches
+    plain = run_script("pretrain.py", *common, f"--run.out_dir={tmp_path / 'plain'}")
     assert plain.returncode == 0, plain.stderr
     assert metrics(tmp_path / "plain")[12]["val_loss"] == pytest.approx(whole_m[12]["val_loss"], abs=0.05)
 
@@ -327,9 +324,8 @@ def test_bf16_autocast_and_fused_adamw_through_the_trainer(tmp_path, shakespeare
     assert "precision bf16" in out.stderr and "fused AdamW" in out.stderr
     rows = metrics(tmp_path / "run")
     assert rows[6]["val_loss"] < rows[0]["val_loss"]
-    assert all(
-        v.dtype == torch.float32 for v in load_file(tmp_path / "run" / "model.safetensors").values()
-    )  # fp32 master weights
+    # fp32 master weights
+    assert all(v.dtype == torch.float32 for v in load_file(tmp_path / "run" / "model.safetensors").values())
 
 
 SCALER_PRETRAIN = """

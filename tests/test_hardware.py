@@ -158,11 +158,12 @@ def test_forced_bf16_on_a_cpu_without_bf16_warns_once_with_the_fix(monkeypatch, 
     fake_cpu(monkeypatch, tmp_path, EPYC)
     monkeypatch.setattr(hw, "_by_probe", lambda *a: pytest.fail("emulated bf16 is not worth timing"))
     d = hw.decide(small_model(attn_impl="auto"), train_cfg(mixed_precision="bf16", optimizer="muon"), "cpu")
+    # the user's choice stands; Muon stays fp32
     assert (d.precision, d.attn_impl, d.ns_dtype) == (
         "bf16",
         "sdpa",
         torch.float32,
-    )  # the user's choice stands; Muon stays fp32
+    )
     assert d.warnings == [
         "train.mixed_precision=bf16 on a CPU without bf16 instructions (AMD EPYC: AVX2, no AVX-512, so no bf16 instructions): "
         "bf16 is emulated, 5-15x slower than fp32 in matmuls (training and evaluation); use train.mixed_precision=auto"

@@ -58,9 +58,8 @@ def test_rows_are_left_truncated_to_the_block(run_dir):
     for row, ending in zip(rows, item.endings, strict=True):
         end = tok.encode(" " + ending)
         assert len(row.tokens) == block + 1 and row.scored == len(end) and row.tokens[-len(end) :] == end
-        assert (
-            row.tokens[: -len(end)] == tok.encode(item.context)[-(block + 1 - len(end)) :]
-        )  # the context's end survives
+        # the context's end survives
+        assert row.tokens[: -len(end)] == tok.encode(item.context)[-(block + 1 - len(end)) :]
     short = item_rows(Item("ab", ["cd"], 0), tok, BLOCK)[0]
     assert short.tokens == tok.encode("ab cd") and short.scored == 3
     long_end = item_rows(Item("a", ["b" * 100], 0), tok, BLOCK)[0]
@@ -94,9 +93,8 @@ def test_the_transformers_export_makes_the_same_choices(run_dir, tmp_path):
     run = load_run(run_dir)
     items = read_items(FIXTURE)
     ours = predict(lambda x: run.model(x)[0], items, run.tokenizer, BLOCK, batch_size=8)
-    assert (
-        predict(lambda x: run.model(x)[0], items, run.tokenizer, BLOCK, batch_size=1) == ours
-    )  # batching changes nothing
+    # batching changes nothing
+    assert predict(lambda x: run.model(x)[0], items, run.tokenizer, BLOCK, batch_size=1) == ours
     export_hf(run_dir, tmp_path / "hf", log=lambda _m: None)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():

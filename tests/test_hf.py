@@ -83,18 +83,16 @@ def test_export_char_run_loads_in_transformers(tmp_path, text):
         "gelu_new",
         True,
     )
-    assert (
-        config["bos_token_id"] is None and config["eos_token_id"] is None
-    )  # a char vocabulary has no end-of-text token
+    # a char vocabulary has no end-of-text token
+    assert config["bos_token_id"] is None and config["eos_token_id"] is None
 
     hf_tok = AutoTokenizer.from_pretrained(out)
     sample = text[5000:5020]
     ids = tok.encode(sample)
     assert hf_tok(sample)["input_ids"] == ids
     assert hf_tok.decode(ids) == sample
-    assert hf_tok("a~b")["input_ids"] == tok.encode(
-        "a b"
-    )  # '~' is not in the vocabulary: replaced, as data.unknown=replace
+    # '~' is not in the vocabulary: replaced, as data.unknown=replace
+    assert hf_tok("a~b")["input_ids"] == tok.encode("a b")
     assert_same_model(gpt, out, ids)
 
     again = run_script("export_hf.py", "--run", str(tmp_path / "run"), "--out", str(out))
@@ -340,11 +338,9 @@ def test_finetune_from_a_local_hf_folder(tmp_path, bpe, shakespeare):
     )
     assert result.returncode == 0, result.stderr
     run = load_run(tmp_path / "ft")
-    assert run.config.model == dataclasses.replace(
-        parent_cfg, attn_impl=run.config.model.attn_impl
-    )  # the kernel: chosen on this machine
-    assert run.tokenizer.encode(ODD) == bpe.encode(
-        ODD
-    )  # the folder's tokenizer.json (save_pretrained adds a no-op post-processor)
+    # the kernel: chosen on this machine
+    assert run.config.model == dataclasses.replace(parent_cfg, attn_impl=run.config.model.attn_impl)
+    # the folder's tokenizer.json (save_pretrained adds a no-op post-processor)
+    assert run.tokenizer.encode(ODD) == bpe.encode(ODD)
     trained = run.model.state_dict()
     assert trained.keys() == parent_state.keys() and any(not torch.equal(trained[k], parent_state[k]) for k in trained)

@@ -51,9 +51,8 @@ def make_run(run_dir: Path, records: bool = True) -> Path:
         rows = [{"step": s, "tokens": 256 * s, "train_loss": 3.0 - s / 20} for s in range(1, 21)] + [
             {"step": 20, "tokens": 5120, "val_loss": 2.5}
         ]
-        (run_dir / "metrics.jsonl").write_text(
-            "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 21, "tok'
-        )  # a torn last line
+        # a torn last line
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 21, "tok')
         samples = [
             {"step": 10, "prompt": "\n", "text": "old sample"},
             {"step": 20, "prompt": "ROMEO:", "text": " soft ```light``` | breaks"},
@@ -168,9 +167,10 @@ def test_push_offline_is_one_clear_error(tmp_path, monkeypatch):
 
 
 def test_push_failure_is_one_clear_error(tmp_path, hub):
+    # not logged in
     hub.fail = LocalTokenNotFoundError(
         "Token is required, but no token found. Log in with `hf auth login`.\nmore detail"
-    )  # not logged in
+    )
     out = export_hf(make_run(tmp_path / "run"), tmp_path / "hf", log=lambda _m: None)
     with pytest.raises(
         UserError,

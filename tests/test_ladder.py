@@ -88,9 +88,8 @@ def test_each_rung_adds_one_idea(scale):
 def test_cpu_scale_gives_every_rung_the_same_time_and_the_lecture_models():
     for rung in RUNGS:
         cpu, lecture = rung_cfg(rung.name, "cpu"), rung_cfg(rung.name, "lecture")
-        assert (
-            cpu.train.time_budget_s == 150 and cpu.train.max_steps >= 10**6
-        )  # the clock, not the step count, ends a CPU rung
+        # the clock, not the step count, ends a CPU rung
+        assert cpu.train.time_budget_s == 150 and cpu.train.max_steps >= 10**6
         assert lecture.train.time_budget_s == 0 and lecture.train.max_steps == (
             3000 if rung.name == "01_bigram" else 5000
         )
@@ -153,9 +152,8 @@ def fake_run(run_dir: Path, rung: str, evals: list[tuple[int, float, float]], sa
     save_config(rung_cfg(rung, "cpu", "--model.vocab_size=65"), run_dir / "config.yaml")
     lines = []
     for step, elapsed, val in evals:
-        lines.append(
-            {"step": step, "train_loss": 9.0, "lr": 1e-3, "tokens": step * 256, "elapsed_s": elapsed}
-        )  # a log line between evaluations
+        # a log line between evaluations
+        lines.append({"step": step, "train_loss": 9.0, "lr": 1e-3, "tokens": step * 256, "elapsed_s": elapsed})
         lines.append(
             {"step": step, "tokens": step * 256, "elapsed_s": elapsed, "eval_train_loss": val - 0.05, "val_loss": val}
         )

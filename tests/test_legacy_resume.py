@@ -32,10 +32,11 @@ def test_format1_checkpoint_is_read_as_parts():
     parts = read_parts(step4)
     assert parts["train"]["step"] == 4 and parts["loader"]["position"] == 4 * 4
     assert set(parts["model"]) == set(load_file(FIXTURE / "reference" / "model.safetensors"))
+    # AdamW x2, Muon
     assert (
         all(set(slots) for slots in parts["optimizer"]["state"].values())
         and len(parts["optimizer"]["param_groups"]) == 3
-    )  # AdamW x2, Muon
+    )
     assert isinstance(parts["rng"]["torch"], torch.Tensor)
 
 
@@ -61,9 +62,8 @@ def test_format1_checkpoint_resumes_bit_exactly(tmp_path, shakespeare):
         r["step"]: r for r in map(json.loads, (FIXTURE / "reference" / "metrics.jsonl").read_text().splitlines())
     }
     resumed = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in resumed] == list(
-        range(5, 9)
-    )  # the old run kept no metrics.jsonl: only the resumed steps
+    # the old run kept no metrics.jsonl: only the resumed steps
+    assert [r["step"] for r in resumed] == list(range(5, 9))
     for r in resumed:
         assert r["train_loss"] == reference[r["step"]]["train_loss"]
         if "val_loss" in r:

@@ -87,9 +87,8 @@ def lora_args(parent: Path, tmp_path: Path, sonnets: Path, name: str, *extra: st
 def check_lora_run(parent: Path, run_dir: Path) -> None:
     """Only adapters moved; model.safetensors is their merge; adapter.safetensors holds them alone."""
     base = load_file(parent / "model.safetensors")
-    trained = load_file(
-        list_checkpoints(run_dir / "checkpoints")[0] / "model.safetensors"
-    )  # the training module: base layers + adapters
+    # the training module: base layers + adapters
+    trained = load_file(list_checkpoints(run_dir / "checkpoints")[0] / "model.safetensors")
     adapters = {k for k in trained if ".lora_" in k}
     assert len(adapters) == 2 * 4 * SHAPE.n_layer  # A and B for c_attn, attn.c_proj, c_fc, mlp.c_proj
     for key, w in trained.items():

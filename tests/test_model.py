@@ -157,9 +157,8 @@ def test_ignored_targets_do_not_count_and_the_loss_is_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low_logits, low_loss = model(idx, targets)
         no_logits, same_loss = model(idx, targets, return_logits=False)
-    assert (
-        low_logits.dtype == torch.bfloat16 and low_loss.dtype == torch.float32
-    )  # the loss of bf16 logits, computed in fp32
+    # the loss of bf16 logits, computed in fp32
+    assert low_logits.dtype == torch.bfloat16 and low_loss.dtype == torch.float32
     assert no_logits is None and torch.equal(low_loss, same_loss)
     by_hand = torch.nn.functional.cross_entropy(low_logits.float().flatten(0, 1), targets.flatten())
     assert torch.equal(low_loss, by_hand)

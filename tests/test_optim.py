@@ -84,9 +84,8 @@ def test_muon_newton_schulz_dtype_is_a_constructor_choice_not_state():
             w.grad = g.clone()
             opt.step()
         results[dtype] = w.detach()
-        assert "ns_dtype" not in json.dumps(
-            opt.state_dict()["param_groups"], default=str
-        )  # a machine's choice, not the run's
+        # a machine's choice, not the run's
+        assert "ns_dtype" not in json.dumps(opt.state_dict()["param_groups"], default=str)
     torch.testing.assert_close(results[torch.float32], results[torch.bfloat16], rtol=0, atol=0.01)
     assert not torch.equal(results[torch.float32], results[torch.bfloat16])
 
@@ -167,9 +166,10 @@ def test_state_dict_round_trip_continues_exactly():
     model = tiny_gpt()
     opt = make_optimizer(model, t)
     train_steps(model, opt, 3)
+    # as if saved
     osd = copy.deepcopy(
         get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    )  # as if saved
+    )
     assert {slot for slots in osd["state"].values() for slot in slots} == {
         "step",
         "exp_avg",

@@ -100,9 +100,8 @@ def test_python_launch(tmp_path, shakespeare):
     again = run_script("pretrain.py", *smoke_args(tmp_path, shakespeare, "run"))
     assert again.returncode == 0 and "run already complete at step 30" in again.stderr
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == before
-    assert (
-        "prepared" not in again.stderr and "tokenizing" not in again.stderr
-    )  # nothing to do: the data is not even checked
+    # nothing to do: the data is not even checked
+    assert "prepared" not in again.stderr and "tokenizing" not in again.stderr
 
 
 def test_accelerate_launch_one_process(tmp_path, shakespeare):
@@ -207,26 +206,29 @@ def test_evaluations_of_a_time_budgeted_run_take_a_small_share_of_it():
     n, evaluations = affordable_eval_iters(0.155, t, world=1)
     assert evaluations == 3  # step 0, step 500, the end
     assert n == 24 and evaluations * 2 * n * 0.155 <= EVAL_SHARE * 280 < evaluations * 2 * (n + 1) * 0.155
+    # two ranks share the batches: twice as many in the same time
     assert affordable_eval_iters(0.155, t, world=2) == (
         48,
         3,
-    )  # two ranks share the batches: twice as many in the same time
+    )
     assert affordable_eval_iters(0.001, t, world=1) == (39, 282)  # a fast machine does more steps, so more evaluations
     rare = TrainConfig(
         time_budget_s=280, max_steps=10**6, eval_iters=100, eval_interval=10**6, eval_at_start=True, batch_size=32
     )
+    # a fast machine with few evaluations keeps train.eval_iters
     assert affordable_eval_iters(0.001, rare, world=1) == (
         100,
         2,
-    )  # a fast machine with few evaluations keeps train.eval_iters
+    )
     assert affordable_eval_iters(100.0, t, world=1)[0] == 1  # never fewer than one batch
     short = TrainConfig(
         time_budget_s=280, max_steps=400, eval_iters=100, eval_interval=500, eval_at_start=False, batch_size=32
     )
+    # max_steps ends it before step 500: only the final evaluation
     assert affordable_eval_iters(0.155, short, world=1) == (
         72,
         1,
-    )  # max_steps ends it before step 500: only the final evaluation
+    )
 
 
 def test_time_budget_caps_the_evaluation(tmp_path, shakespeare):

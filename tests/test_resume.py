@@ -169,9 +169,8 @@ def losses(run_dir: Path) -> list[tuple]:
 def assert_same_run(run_dir: Path, reference: Path) -> None:
     """Bit-identical: every logged loss and every tensor of the final model."""
     assert losses(run_dir) == losses(reference)
-    assert [s for s, _, _ in losses(run_dir)] == list(
-        range(STEPS + 1)
-    )  # each step once, nothing duplicated by the resume
+    # each step once, nothing duplicated by the resume
+    assert [s for s, _, _ in losses(run_dir)] == list(range(STEPS + 1))
     got, want = load_file(run_dir / "model.safetensors"), load_file(reference / "model.safetensors")
     assert got.keys() == want.keys()
     for key in want:
@@ -229,9 +228,8 @@ def test_sigkill_at_random_steps_then_rerun_is_bit_identical(tmp_path, data_dir,
     killed_at = last_logged_step(run_dir)
     assert kill_step <= killed_at < STEPS
     newest = find_resumable(run_dir / "checkpoints", pytest.fail)
-    assert (
-        newest is not None and killed_at - 4 <= int(newest.name[5:]) <= killed_at
-    )  # (the save of `killed_at` may have been cut short)
+    # (the save of `killed_at` may have been cut short)
+    assert newest is not None and killed_at - 4 <= int(newest.name[5:]) <= killed_at
 
     out = run(cmd)
     assert_clean_exit(out)
@@ -282,9 +280,8 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, data_d
     rank1.send_signal(signal.SIGTERM)
     first.wait()
     stopped_at = last_logged_step(run_dir)
-    assert (
-        f"stopped by a signal to another process at step {stopped_at}; checkpoint written" in first.stderr
-    )  # said by rank 0
+    # said by rank 0
+    assert f"stopped by a signal to another process at step {stopped_at}; checkpoint written" in first.stderr
     assert find_resumable(run_dir / "checkpoints", pytest.fail) == run_dir / "checkpoints" / f"step_{stopped_at:06d}"
     out = run(pretrain_cmd(run_dir, data_dir, 2))
     assert out.returncode == 0, out.stderr
@@ -322,9 +319,8 @@ def test_resume_with_another_process_count_keeps_tokens_per_step(tmp_path, data_
     assert [r["step"] for r in rows] == list(range(STEPS + 1))
     assert [r["tokens"] for r in rows[1:]] == [512 * s for s in range(1, STEPS + 1)]
     first_resume = int(re.search(r"resuming from \S+step_(\d+)", outputs[1]).group(1))
-    assert (
-        losses(run_dir)[: first_resume + 1] == losses(reference2)[: first_resume + 1]
-    )  # before the switch: the 2-process run itself
+    # before the switch: the 2-process run itself
+    assert losses(run_dir)[: first_resume + 1] == losses(reference2)[: first_resume + 1]
     for got, want in zip(
         rows[1:], ref_rows[1:], strict=True
     ):  # after it: the same curve up to dropout masks and summation order
@@ -474,9 +470,8 @@ def test_corrupt_checkpoints_are_skipped_down_to_a_complete_one(tmp_path, data_d
         "step_000020",
         "step_000016",
     ]
-    assert all(
-        verify_checkpoint(p) is None for p in list_checkpoints(run_dir / "checkpoints")
-    )  # written again, complete
+    # written again, complete
+    assert all(verify_checkpoint(p) is None for p in list_checkpoints(run_dir / "checkpoints"))
     assert_same_run(run_dir, reference)
 
 

@@ -106,9 +106,8 @@ def test_shards_hold_the_documents_in_order_and_the_manifest_describes_them(corp
     assert meta["tokenizer_fingerprint"] == tok.fingerprint() and meta["shard_tokens"] == SHARD
     assert [s["name"] for s in meta["shards"]["val"]] == ["val_00000_0000.bin"]
     names = [s["name"] for s in meta["shards"]["train"]]
-    assert (
-        names[0] == "train_00000_0000.bin" and len(names) > 40 and len({n[6:11] for n in names}) == 4
-    )  # 4 input files
+    # 4 input files
+    assert names[0] == "train_00000_0000.bin" and len(names) > 40 and len({n[6:11] for n in names}) == 4
     for s in meta["shards"]["train"]:
         assert (data_dir / s["name"]).stat().st_size == 2 * s["tokens"] and sha256_file(data_dir / s["name"]) == s[
             "sha256"
@@ -228,9 +227,8 @@ def test_two_prepare_workers_split_the_files_and_the_last_writes_the_manifest(co
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert sum(f"prepared {out} in" in o for o in outputs) == 1, outputs  # exactly one worker wrote meta.json
-    assert (
-        "part0.jsonl" in outputs[0] and "part2.jsonl" in outputs[0] and "part1.jsonl" not in outputs[0]
-    )  # files 0, 2 and 1, 3
+    # files 0, 2 and 1, 3
+    assert "part0.jsonl" in outputs[0] and "part2.jsonl" in outputs[0] and "part1.jsonl" not in outputs[0]
     assert "part1.jsonl" in outputs[1] and "part3.jsonl" in outputs[1] and "part0.jsonl" not in outputs[1]
     assert shard_bytes(out) == shard_bytes(data_dir) and meta_of(out)["shards"] == meta_of(data_dir)["shards"]
 
@@ -399,9 +397,8 @@ def test_shards_at_a_url_are_fetched_ahead_and_deleted_behind_within_the_disk_bu
         most = max(most, disk_use(local))
     assert most <= 5 * 2 * SHARD  # the budget held
     fetched = [k for k in server.counts if k.startswith("/train_")]
-    assert len(fetched) >= 6 and all(
-        v == 1 for k, v in server.counts.items() if k.startswith("/train_")
-    )  # each fetched once
+    # each fetched once
+    assert len(fetched) >= 6 and all(v == 1 for k, v in server.counts.items() if k.startswith("/train_"))
     assert "up to date" in "".join(log_of(lambda log: prepare(cfg, data_dir=local, log=log, block_size=BLOCK)))
 
 
@@ -639,9 +636,8 @@ def test_two_process_run_killed_and_rerun_across_a_shard_boundary_is_bit_identic
     from dist_gpt.checkpoint import find_resumable
 
     d = tmp_path / "data"
-    sharded(
-        corpus["jsonl"] / "*.jsonl", d, shard_tokens=1000, val_tokens=2000
-    )  # 31 windows per shard, 16 per step: a boundary every 2 steps
+    # 31 windows per shard, 16 per step: a boundary every 2 steps
+    sharded(corpus["jsonl"] / "*.jsonl", d, shard_tokens=1000, val_tokens=2000)
     extra = ["--data.shard_tokens=1000", "--data.val_tokens=2000", f"--data.source={corpus['jsonl']}/*.jsonl"]
     reference = tmp_path / "ref"
     out = run(pretrain_cmd(reference, d, 2, *extra))
@@ -660,8 +656,7 @@ def test_two_process_run_killed_and_rerun_across_a_shard_boundary_is_bit_identic
     assert "resuming from" in out.stderr
     assert_same_run(run_dir, reference)
 
-    loader = BatchLoader(
-        open_split(d, "train"), 32, 8, seed=1337
-    )  # the samples the resumed run trained on (16 per step)
+    # the samples the resumed run trained on (16 per step)
+    loader = BatchLoader(open_split(d, "train"), 32, 8, seed=1337)
     shards, _ = loader._sampler.windows.locate(np.arange(16 * resume_step, 16 * STEPS))
     assert len(set(shards.tolist())) >= 2  # they cross at least one shard boundary

@@ -71,9 +71,8 @@ def test_alias_bombs_are_refused_without_expanding():
         f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True)
     )
     assert refused(laughs).startswith(f"more than {MAX_ALIASES} aliases (*name)")
-    doubling = "a0: &a0 [x, x]\n" + "".join(
-        f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}]\n" for i in range(1, 16)
-    )  # 30 aliases, 2**16 values
+    # 30 aliases, 2**16 values
+    doubling = "a0: &a0 [x, x]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}]\n" for i in range(1, 16))
     assert refused(doubling).startswith("its aliases expand to more than 10000 values")
     assert refused("a: &a [*a]\n").startswith("its aliases expand to more than")  # a list that holds itself
     assert parse_yaml("base: &b 3\nx: [*b, *b]\n") == {"base": 3, "x": [3, 3]}  # a few aliases are fine
@@ -130,9 +129,8 @@ def test_config_files_merge_in_order_then_the_command_line(tmp_path):
     cfg = parse_stage_args(args[2:] + args[:2], "pretrain", "usage")  # the other order: a.yaml's lr wins
     assert cfg.train.lr == 0.1
     assert parse_stage_args([], "pretrain", "usage", default_config=str(tmp_path / "b.yaml")).train.lr == 0.2
-    assert (
-        parse_stage_args(args[:2], "pretrain", "usage", default_config=str(tmp_path / "b.yaml")).train.lr == 0.1
-    )  # no default with --config
+    # no default with --config
+    assert parse_stage_args(args[:2], "pretrain", "usage", default_config=str(tmp_path / "b.yaml")).train.lr == 0.1
 
 
 def test_help_documents_the_merge(capsys):
@@ -209,9 +207,8 @@ def test_limits_themselves_are_accepted():
 def test_lora_alpha_must_be_positive_with_lora():
     with pytest.raises(UserError, match="finetune.lora_alpha must be > 0 with LoRA"):
         load_config(None, ["--finetune.init_from=x", "--finetune.lora_rank=8", "--finetune.lora_alpha=0"], "finetune")
-    assert (
-        load_config(None, ["--finetune.init_from=x", "--finetune.lora_alpha=0"], "finetune").finetune.lora_alpha == 0
-    )  # no LoRA: unused
+    # no LoRA: unused
+    assert load_config(None, ["--finetune.init_from=x", "--finetune.lora_alpha=0"], "finetune").finetune.lora_alpha == 0
 
 
 def test_tilde_is_expanded_in_local_paths():
@@ -235,9 +232,8 @@ def test_tilde_is_expanded_in_local_paths():
     cfg = load_config(
         None, ["--data.source=https://example.com/~user/a.txt", "--finetune.init_from=hf:~/gpt2"], "finetune"
     )
-    assert (
-        cfg.data.source == "https://example.com/~user/a.txt" and cfg.finetune.init_from == "hf:~/gpt2"
-    )  # resolve_hf expands hf: folders
+    # resolve_hf expands hf: folders
+    assert cfg.data.source == "https://example.com/~user/a.txt" and cfg.finetune.init_from == "hf:~/gpt2"
 
 
 def test_saved_configs_are_checked_too(tmp_path):
