@@ -1092,9 +1092,8 @@ def prepare(ctx: Ctx, source: Path) -> int:
     write_random_corpus(ctx.data / "random.txt", ctx.sizes.random_chars)
     for config, data in ((LECTURE, ctx.lecture_data()), (GPT2, ctx.random_data())):
         cmd = [sys.executable, "launch/prepare.py", "--config", config, *data]
-        if (
-            subprocess.run(cmd, cwd=REPO, env=subprocess_env(dry=False)).returncode != 0
-        ):  # needs `datasets`: no blocker here
+        # needs `datasets`: no blocker here
+        if subprocess.run(cmd, cwd=REPO, env=subprocess_env(dry=False)).returncode != 0:
             print(f"error: {' '.join(cmd)} failed (see above)", file=sys.stderr)
             return 1
     size = sum(

@@ -93,9 +93,8 @@ class MuonAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if group["muon"]:
-                for shape in dict.fromkeys(
-                    p.shape for p in params
-                ):  # matrices of one shape: one batched orthogonalisation
+                # matrices of one shape: one batched orthogonalisation
+                for shape in dict.fromkeys(p.shape for p in params):
                     self._muon([p for p in params if p.shape == shape], group)
             else:
                 for p in params:

@@ -908,9 +908,8 @@ def prepare(
     failure is a UserError: a full or read-only disk, an unreadable or vanished source file.
     """
     data_dir = Path(data_dir)
-    if cfg.shard_tokens > 0 or cfg.source.strip().endswith(
-        "meta.json"
-    ):  # sharded data: streamed into shards (streaming.py)
+    # sharded data: streamed into shards (streaming.py)
+    if cfg.shard_tokens > 0 or cfg.source.strip().endswith("meta.json"):
         from dist_gpt.streaming import is_manifest, prepare_sharded
 
         if cfg.shard_tokens > 0 or is_manifest(cfg.source):

@@ -68,9 +68,8 @@ class Profiler:
         if n == self.start_at:
             self._open(n)
         try:
-            with (
-                torch.profiler.record_function(f"step {n}") if self.prof is not None else nullcontext()
-            ):  # the trace's name for it
+            # the trace's name for it
+            with torch.profiler.record_function(f"step {n}") if self.prof is not None else nullcontext():
                 yield
         except torch.OutOfMemoryError as e:
             raise self._out_of_memory(n, e) from None

@@ -10,6 +10,8 @@ Nothing here knows the model's internals; `model.py` knows nothing of what is he
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import os
 import random
@@ -61,6 +63,28 @@ def use_cuda() -> bool:
     return torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
 
 
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt() parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse rather than hand it back to the kernel; True if it took.
+
+    A CPU training step allocates and frees the same large activation buffers every step. By default glibc serves
+    each large one with a fresh mmap and unmaps it on free, so every step page-faults and zeroes all of it again
+    (the lecture model at batch 32: ~400,000 page faults and ~2 s of system time per step; BENCHMARKS.md, "The lecture
+    model against nanoGPT"). With no mmap'd chunks and no trimming, the heap grows to the peak once and is reused.
+    The process then holds its peak memory until it exits, as a caching allocator would. Elsewhere than glibc: False.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):  # no C library found, or not glibc (musl, macOS)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+
+
 def make_accelerator(cfg: Config) -> Accelerator:
     """The Accelerator for this process, after checking the launcher really started the processes it claims.
 
@@ -74,6 +98,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
         user_threads = None
     cuda = use_cuda()
     if not cuda:  # threads first: the hardware probe below measures with them
+        keep_freed_memory()
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
         torch.set_num_threads(
             cfg.train.threads or (int(user_threads) if user_threads else max(1, len(os.sched_getaffinity(0)) // local))
@@ -108,9 +133,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
         mixed_precision=cfg.train.mixed_precision,
         log_with="wandb" if cfg.log.wandb else None,
         step_scheduler_with_optimizer=False,
-        dynamo_backend=os.environ.get("DIST_GPT_COMPILE_BACKEND", "inductor")
-        if compile_on
-        else "no",  # eager: tests, debugging
+        # "no": eager (tests, debugging)
+        dynamo_backend=os.environ.get("DIST_GPT_COMPILE_BACKEND", "inductor") if compile_on else "no",
         **kwargs,
     )
     accelerator.ns_dtype = decisions.ns_dtype  # Muon's Newton-Schulz dtype, read by make_optimizer

@@ -342,9 +342,8 @@ class ShardStore:
             try:
                 if path.is_file() and path.stat().st_size == self.nbytes(shard):
                     return
-                with (
-                    self._guard
-                ):  # room is made and reserved in one go, so two fetches of this process never both take it
+                # room is made and reserved in one go, so two fetches of this process never both take it
+                with self._guard:
                     self._make_room(self.nbytes(shard), shard.name)
                     self._reserved[shard.name] = self.nbytes(shard)
                 try:

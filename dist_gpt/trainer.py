@@ -204,17 +204,20 @@ class Trainer:
     def _eval_iters_within_budget(self) -> int:
         """train.eval_iters, or fewer when a time budget is set and the run's evaluations would cost more than EVAL_SHARE of it.
 
-        Decided once per run from the slowest rank's time for one batch (the second one: the first pays for warm-up)
-        and kept in the checkpoint, so every evaluation of the run, resumed or not, uses the same batches."""
+        Decided once per run from the slowest rank's time for one batch (the faster of a second and a third forward:
+        the first pays for warm-up, and the second may still be growing the process's memory) and kept in the
+        checkpoint, so every evaluation of the run, resumed or not, uses the same batches."""
         t = self.cfg.train
         if t.time_budget_s <= 0:
             return t.eval_iters
         x, y = next(eval_batches(self.val_split, self.block_size, t.batch_size, 1, seed=self.cfg.run.seed))
         x, y = x.to(self.acc.device), y.to(self.acc.device)
-        for _ in range(2):
+        times = []
+        for _ in range(3):
             start = time.perf_counter()
             self.model(x, y, return_logits=False)[1].item()
-        per_batch = self.acc.reduce(torch.tensor(time.perf_counter() - start, device=self.acc.device), "max").item()
+            times.append(time.perf_counter() - start)
+        per_batch = self.acc.reduce(torch.tensor(min(times[1:]), device=self.acc.device), "max").item()
         n, evaluations = affordable_eval_iters(per_batch, t, self.world)
         if n < t.eval_iters and self.acc.is_main_process:
             log(

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import base64
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 _HF_HOME = tempfile.mkdtemp(prefix="dist_gpt_hf_")
+_CACHE_HOME = tempfile.mkdtemp(prefix="dist_gpt_cache_")
+for folder in (_HF_HOME, _CACHE_HOME):  # the suite's own caches go with it (what a test leaves is under tmp_path)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
 for key, value in {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
@@ -25,7 +32,7 @@ for key, value in {
     "PYTHONUNBUFFERED": "1",
     # the hardware decisions (precision, attention kernel) from the CPU's flags, not a timing: the same on every run
     "DIST_GPT_PROBE": "0",
-    "XDG_CACHE_HOME": tempfile.mkdtemp(prefix="dist_gpt_cache_"),
+    "XDG_CACHE_HOME": _CACHE_HOME,
 }.items():
     os.environ.setdefault(key, value)
 # The suite checks the CPU path: exact CPU numerics, thread counts, gloo groups, the FSDP fallback, the CPU default
@@ -69,6 +76,17 @@ def run_script(
     cmd = [*(launcher or [sys.executable]), str(REPO / "launch" / script), *args]
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(cmd, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def first_of_each(rows: list, group: Callable[[Any], str]) -> list:
+    """Table rows as test parameters named by row.id: the first row of each group runs in the default suite, the rest
+    are marked slow (each row starts a Python process; CI runs both tiers, so every row runs there)."""
+    seen: set[str] = set()
+    params = []
+    for row in rows:
+        params.append(pytest.param(row, id=row.id, marks=pytest.mark.slow if group(row) in seen else ()))
+        seen.add(group(row))
+    return params
 
 
 def toy_gpt2_file(path: Path, merges: list[bytes]) -> Path:

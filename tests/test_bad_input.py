@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import run_script
+from conftest import first_of_each, run_script
 
 from dist_gpt.checkpoint import list_checkpoints
 from dist_gpt.io import disk_error
@@ -46,9 +46,8 @@ DISK_FULL = [
 class Row:
     id: str
     script: str
-    args: list[
-        str
-    ]  # formatted with the paths below: {tmp} (this row's folder), {out} (its run directory), {run}, {data}, ...
+    # formatted with the paths below: {tmp} (this row's folder), {out} (its run directory), {run}, {data}, ...
+    args: list[str]
     expect: str | tuple[str, ...]  # distinctive parts of the one-line message, the problem and the fix (formatted too)
     setup: Callable[[dict], None] | None = None
     launcher: list[str] | None = None
@@ -593,7 +592,7 @@ def half_written(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.name.startswith(".") and ".tmp" in p.name]
 
 
-@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+@pytest.mark.parametrize("row", first_of_each(ROWS, lambda r: r.script))
 def test_bad_input(row: Row, world: dict, tmp_path: Path):
     paths = {**world, "tmp": tmp_path, "out": tmp_path / "run"}
     if row.setup:
@@ -675,6 +674,7 @@ main(pretrain, sys.argv[1:])
 """
 
 
+@pytest.mark.slow  # a whole run or more (CI runs the slow tier)
 def test_disk_full_while_appending_metrics_is_one_line_and_keeps_the_checkpoint(tmp_path, shakespeare):
     args = [
         *SMOKE,

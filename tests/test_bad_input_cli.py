@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_script
+from conftest import REPO, first_of_each, run_script
 from safetensors.torch import load_file, save_file
 
 SMOKE = ["--config", "configs/smoke.yaml"]
@@ -27,9 +27,8 @@ ITEM = {"ctx": "A man opens the door.", "endings": ["he walks in.", "he sings.",
 class Row:
     id: str
     script: str
-    args: list[
-        str
-    ]  # formatted with: {tmp} (this row's folder), {run} and {export} (the good ones), {out} (a copy to break), ...
+    # formatted with: {tmp} (this row's folder), {run} and {export} (the good ones), {out} (a copy to break), ...
+    args: list[str]
     expect: str | tuple[str, ...]  # parts of the one-line message (formatted too)
     setup: Callable[[dict], None] | None = None
     check: Callable[[dict], None] | None = None  # what must (not) be on disk afterwards
@@ -594,7 +593,7 @@ def world(tmp_path_factory, shakespeare) -> dict:
     return {"shakespeare": shakespeare, "world": root, "run": run, "export": export, "home": str(Path.home())}
 
 
-@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+@pytest.mark.parametrize("row", first_of_each(ROWS, lambda r: r.script))
 def test_bad_input(row: Row, world: dict, tmp_path: Path):
     paths = {**world, "tmp": tmp_path, "out": tmp_path / "run_copy"}
     if row.setup:

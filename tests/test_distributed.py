@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import REPO, run_script
 
@@ -100,6 +101,7 @@ def test_fsdp2_shards_trains_and_saves_a_plain_model(tmp_path):
     assert any(not torch.equal(saved[k], initial[k]) for k in saved)
 
 
+@pytest.mark.slow  # a whole run or more (CI runs the slow tier)
 def test_fsdp_config_on_cpu_says_it_fell_back(tmp_path, shakespeare):
     """configs/accelerate/fsdp.yaml on a CPU-only machine: Accelerate gives DDP, and the run says so."""
     result = run_script(
@@ -143,6 +145,7 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+@pytest.mark.slow  # a whole run or more (CI runs the slow tier)
 def test_two_machines_on_one_host(tmp_path, shakespeare):
     """`accelerate launch --num_machines 2 --machine_rank 0|1`: one CPU process per "machine", one gloo group, the same weights."""
     port = free_port()

@@ -121,6 +121,7 @@ def test_compiled_run_saves_plain_weights_everywhere(compiled_run):
     load_run(run_dir)  # strict load into a plain GPT
 
 
+@pytest.mark.slow  # a whole run or more (CI runs the slow tier)
 def test_compiled_run_samples_evaluates_exports_and_finetunes(compiled_run, sonnets):
     tmp, run_dir = compiled_run
     sample = run_script("sample.py", "--run", str(run_dir), "--prompt", "ROMEO:", "--max_new_tokens", "20")
@@ -154,6 +155,7 @@ def test_compiled_run_samples_evaluates_exports_and_finetunes(compiled_run, sonn
     assert set(load_file(tmp / "ft" / "model.safetensors")) == plain_keys()
 
 
+@pytest.mark.slow  # a whole run or more (CI runs the slow tier)
 def test_compiled_run_resumes_exactly(tmp_path, shakespeare):
     common = [
         *SMOKE,
@@ -344,6 +346,7 @@ main(pretrain, sys.argv[2:])
 """
 
 
+@pytest.mark.slow  # a whole run or more (CI runs the slow tier)
 def test_loss_scaler_is_saved_and_restored(tmp_path, shakespeare):
     script = tmp_path / "scaler.py"
     script.write_text(SCALER_PRETRAIN)

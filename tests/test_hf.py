@@ -226,9 +226,8 @@ def test_export_then_import_is_the_identity(tmp_path, text):
 
 
 def test_import_errors(tmp_path, bpe):
-    with pytest.raises(
-        UserError, match="could not be downloaded.*hf:DIR"
-    ):  # HF_HUB_OFFLINE=1 (conftest): one clear error, no network
+    # HF_HUB_OFFLINE=1 (conftest): one clear error, no network
+    with pytest.raises(UserError, match="could not be downloaded.*hf:DIR"):
         load_hf_gpt2("hf:someone/not-a-local-model")
     with pytest.raises(UserError, match="no such model folder"):
         load_hf_gpt2(f"hf:{tmp_path / 'missing' / 'dir'}")

@@ -123,6 +123,7 @@ def check_lora_run(parent: Path, run_dir: Path) -> None:
     }
 
 
+@pytest.mark.slow  # a whole run or more (CI runs the slow tier)
 def test_lora_run_trains_adapters_exports_merged_and_resumes_exactly(parent, tmp_path, sonnets):
     out = run_script("finetune.py", *lora_args(parent, tmp_path, sonnets, "run"))
     assert out.returncode == 0, out.stderr

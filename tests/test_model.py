@@ -284,9 +284,8 @@ def test_greedy_is_deterministic_and_argmax():
     assert torch.equal(out, model.generate(idx, 12, temperature=0))
     with torch.no_grad():
         seq = idx
-        for _ in range(
-            12
-        ):  # naive greedy decoding without sliding (14 > 8, so crop like nanoGPT until the window slides)
+        # naive greedy decoding without sliding (14 > 8, so crop like nanoGPT until the window slides)
+        for _ in range(12):
             if seq.size(1) > 8:
                 break
             seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)], dim=1)

@@ -186,6 +186,7 @@ def test_state_dict_round_trip_continues_exactly():
         assert torch.equal(p, q)
 
 
+@pytest.mark.slow  # a whole run or more (CI runs the slow tier)
 def test_pretrain_with_muon_resumes_bit_identically(tmp_path, shakespeare):
     """20 steps, then the same command with max_steps 30, equals a straight 30-step run (constant LR: the schedule ignores max_steps)."""
     common = [

@@ -136,6 +136,7 @@ def test_two_process_ddp_on_cpu(tmp_path, shakespeare):
     check_finished_run(tmp_path / "run", world_size=2)
 
 
+@pytest.mark.slow  # a whole run or more (CI runs the slow tier)
 def test_gradient_accumulation_is_exact(tmp_path, shakespeare):
     """One optimizer step over the same 8 sequences: 8 x 1, 4 x 2 (accumulation) and 2 processes x 4 give the same weights."""
     common = [

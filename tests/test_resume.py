@@ -205,6 +205,7 @@ def reference2(tmp_path_factory, data_dir) -> Path:
 # ----------------------------------------------------------------------------- SIGKILL, then the same command
 
 
+@pytest.mark.slow  # a whole run or more (CI runs the slow tier)
 def test_sigkill_at_random_steps_then_rerun_is_bit_identical(tmp_path, data_dir, reference):
     rng = random.Random(KILL_SEED)
     run_dir = tmp_path / "run"
@@ -321,9 +322,8 @@ def test_resume_with_another_process_count_keeps_tokens_per_step(tmp_path, data_
     first_resume = int(re.search(r"resuming from \S+step_(\d+)", outputs[1]).group(1))
     # before the switch: the 2-process run itself
     assert losses(run_dir)[: first_resume + 1] == losses(reference2)[: first_resume + 1]
-    for got, want in zip(
-        rows[1:], ref_rows[1:], strict=True
-    ):  # after it: the same curve up to dropout masks and summation order
+    # after it: the same curve up to dropout masks and summation order
+    for got, want in zip(rows[1:], ref_rows[1:], strict=True):
         assert got["train_loss"] == pytest.approx(want["train_loss"], abs=0.15), got["step"]
         if "val_loss" in want:
             assert got["val_loss"] == pytest.approx(want["val_loss"], abs=0.1), got["step"]
@@ -362,6 +362,7 @@ def test_resume_takes_a_changed_learning_rate_from_the_config(tmp_path, data_dir
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.slow  # a whole run or more (CI runs the slow tier)
 def test_signal_writes_a_checkpoint_and_exits(tmp_path, data_dir, reference, sig):
     run_dir = tmp_path / "run"
     running = Running(pretrain_cmd(run_dir, data_dir), tmp_path)
@@ -378,9 +379,8 @@ def test_signal_writes_a_checkpoint_and_exits(tmp_path, data_dir, reference, sig
     assert "Traceback" not in running.stderr
     assert find_resumable(run_dir / "checkpoints", pytest.fail) == run_dir / "checkpoints" / f"step_{stopped_at:06d}"
     assert not is_locked(run_dir)
-    if (
-        sig == signal.SIGTERM
-    ):  # resuming from a checkpoint at any step (not only a multiple of the interval) is exact too
+    # resuming from a checkpoint at any step (not only a multiple of the interval) is exact too
+    if sig == signal.SIGTERM:
         out = run(pretrain_cmd(run_dir, data_dir))
         assert_clean_exit(out)
         assert_same_run(run_dir, reference)
@@ -403,6 +403,7 @@ def test_second_signal_exits_at_once(tmp_path, data_dir):
 # ----------------------------------------------------------------------------- broken checkpoints
 
 
+@pytest.mark.slow  # a whole run or more (CI runs the slow tier)
 def test_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path, data_dir, reference):
     run_dir, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
     # killed while writing the first file of step 12, then (resumed from 8) while writing the manifest, the last file, of step 16

@@ -295,9 +295,8 @@ def test_random_windows_read_each_shard_once_per_epoch_in_a_seeded_order(train):
     assert not np.array_equal(again, shards)  # the next epoch reads the shards in another order
     x, y = BatchLoader(train, BLOCK, 8, seed=1).next_batch()
     s0, st0 = w.locate(np.arange(8))
-    for row_x, row_y, s, st in zip(
-        x, y, s0, st0, strict=True
-    ):  # a window is block_size + 1 consecutive tokens of one shard
+    # a window is block_size + 1 consecutive tokens of one shard
+    for row_x, row_y, s, st in zip(x, y, s0, st0, strict=True):
         tokens = np.asarray(train.array(int(s))[st : st + BLOCK + 1]).astype(np.int64)
         assert torch.equal(row_x, torch.from_numpy(tokens[:-1])) and torch.equal(row_y, torch.from_numpy(tokens[1:]))
 
