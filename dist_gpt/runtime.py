@@ -72,7 +72,7 @@ def keep_freed_memory() -> bool:
     A CPU training step allocates and frees the same large activation buffers every step. By default glibc serves
     each large one with a fresh mmap and unmaps it on free, so every step page-faults and zeroes all of it again
     (the lecture model at batch 32: ~400,000 page faults and ~2 s of system time per step; BENCHMARKS.md, "The lecture
-    model against nanoGPT"). With no mmap'd chunks and no trimming, the heap grows to the peak once and is reused.
+    model side by side"). With no mmap'd chunks and no trimming, the heap grows to the peak once and is reused.
     The process then holds its peak memory until it exits, as a caching allocator would. Elsewhere than glibc: False.
     """
     name = ctypes.util.find_library("c")
