@@ -28,6 +28,7 @@ def one_run(model: str, batch: int, steps: int, keep: bool) -> dict:
 
     kept = keep_freed_memory() if keep else False
     import torch
+    from lecture_throughput import LECTURE, train_step  # the same training step as the lecture-model benchmark
 
     from dist_gpt.config import GPTConfig, TrainConfig
     from dist_gpt.model import GPT
@@ -35,8 +36,7 @@ def one_run(model: str, batch: int, steps: int, keep: bool) -> dict:
 
     torch.manual_seed(0)
     if model == "lecture":  # configs/shakespeare_char.yaml
-        shape = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, bias=False, activation="gelu_exact")
-        cfg = GPTConfig(vocab_size=65, attn_impl="sdpa", **shape)
+        cfg = GPTConfig(**LECTURE, bias=False, activation="gelu_exact", attn_impl="sdpa")
         train = TrainConfig(lr=1e-3, beta2=0.99, weight_decay=0.1)
     else:  # configs/shakespeare_char_cpu.yaml, fp32
         shape = dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.0, activation="relu2")
@@ -51,11 +51,7 @@ def one_run(model: str, batch: int, steps: int, keep: bool) -> dict:
         if i == 1:
             start_usage = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
-        _, loss = net(x, y, return_logits=False)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(net, opt, x, y)
         times.append(time.perf_counter() - start)
     end = resource.getrusage(resource.RUSAGE_SELF)
     n = steps - 1
@@ -105,5 +101,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
+    sys.path[:0] = [str(REPO), str(REPO / "bench")]
     main()

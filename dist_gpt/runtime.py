@@ -11,7 +11,6 @@ Nothing here knows the model's internals; `model.py` knows nothing of what is he
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import hashlib
 import os
 import random
@@ -75,11 +74,9 @@ def keep_freed_memory() -> bool:
     model side by side"). With no mmap'd chunks and no trimming, the heap grows to the peak once and is reused.
     The process then holds its peak memory until it exits, as a caching allocator would. Elsewhere than glibc: False.
     """
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):  # no C library found, or not glibc (musl, macOS)
+        mallopt = ctypes.CDLL(None).mallopt  # the C library already loaded into this process
+    except (OSError, AttributeError, TypeError):  # no mallopt (macOS), or no such handle (Windows)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
