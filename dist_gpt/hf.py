@@ -82,7 +82,14 @@ def to_hf_config(c: GPTConfig) -> Any:
     }
     found = [what for what, bad in impossible.items() if bad]
     if found:
-        raise UserError(f"this model cannot be exported as a transformers GPT-2: model.{'; model.'.join(found)}")
+        retrain = (
+            "; retrain with --model.pos_emb=learned --model.qk_norm=false (the 5-minute CPU config uses both) for a model that exports"
+            if c.pos_emb != "learned" or c.qk_norm
+            else ""
+        )
+        raise UserError(
+            f"this model cannot be exported as a transformers GPT-2: model.{'; model.'.join(found)}{retrain}"
+        )
     return GPT2Config(
         vocab_size=c.vocab_size,
         n_positions=c.block_size,
