@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from dist_gpt.checkpoint import (
     read_train_state,
     save_weights,
 )
-from dist_gpt.config import Config, read_saved_config, save_config
+from dist_gpt.config import Config, GPTConfig, read_saved_config, save_config
 from dist_gpt.errors import UserError
 from dist_gpt.io import FileLock, atomic_write_json, read_json
 from dist_gpt.model import GPT
@@ -54,6 +54,8 @@ SAMPLES = "samples.jsonl"
 CHECKPOINTS = "checkpoints"
 PROFILE = "profile"
 REPO = Path(__file__).resolve().parents[1]
+# model keys a resumed run may change: they do not change what the trained weights compute
+RESUME_FREE = ("dropout", "attn_impl", "init", "zero_init_proj")
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -77,6 +79,11 @@ def read_marker(path: Path) -> dict[str, Any]:
 def stage_of(path: Path) -> str:
     """ "pretrain" or "finetune" for an existing run."""
     return read_marker(path).get("stage") or ("finetune" if (path / PARENT).is_file() else "pretrain")
+
+
+def cli_value(value: Any) -> str:
+    """A config value as the command line writes it (true/false for booleans)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def read_config(run_dir: str | Path) -> Config:
@@ -234,10 +241,25 @@ class RunDir:
         """True when the checkpoint to resume already reached the configured end (nothing to train)."""
         return self.resume_from is not None and read_train_state(self.resume_from).finished(cfg.train)
 
-    def check_resume(self, tokenizer: Any, data_fingerprint: str | None) -> None:
-        """A resumed run must see the tokenizer and the data it was trained with."""
+    def check_resume(self, model: GPTConfig, tokenizer: Any, data_fingerprint: str | None) -> None:
+        """A resumed run must keep its model and see the tokenizer and the data it was trained with."""
         if self.resume_from is None:
             return
+        saved = read_config(self.path).model
+        changed = [
+            f.name
+            for f in fields(saved)
+            if f.name not in RESUME_FREE
+            and getattr(model, f.name) != getattr(saved, f.name)
+            and not (f.name == "vocab_size" and model.vocab_size == 0)  # 0: the tokenizer's, checked below
+        ]
+        if changed:
+            ours = ", ".join(f"{k}={getattr(model, k)!r}" for k in changed)
+            theirs = " ".join(f"--model.{k}={cli_value(getattr(saved, k))}" for k in changed)
+            raise UserError(
+                f"{self.path} was trained with another model than this command asks for ({ours}); to resume it, add {theirs} "
+                "(its config.yaml has them), or choose another --run.out_dir"
+            )
         mine = load_tokenizer(self.path / TOKENIZER)
         if mine.fingerprint() != tokenizer.fingerprint():
             raise UserError(

@@ -84,7 +84,7 @@ def train(
                 check_prepared_tokenizer(cfg.data_dir, tokenizer)
             if check is not None:
                 check(run)
-            run.check_resume(prepared, meta.get("fingerprint"))
+            run.check_resume(cfg.model, prepared, meta.get("fingerprint"))
             return meta.get("fingerprint")
 
         fingerprint = on_main(accelerator, prepare_and_check)

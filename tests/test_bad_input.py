@@ -333,7 +333,7 @@ ROWS = [
         "pretrain: resume with another model shape",
         "pretrain.py",
         [*PRETRAIN, "--train.max_steps=8", "--model.n_embd=48"],
-        "holds a model of another shape than the config asks for",
+        ("was trained with another model than this command asks for (n_embd=48)", "add --model.n_embd=32"),
         copy_run,
         check=copy_unchanged,
     ),
@@ -398,6 +398,17 @@ ROWS = [
         ],
         ("was trained on other data", "finetune from it to train on new data"),
         same_chars_other_text,
+        check=copy_unchanged,
+    ),
+    Row(
+        "pretrain: resume with another model function, the same weights (a config whose defaults changed)",
+        "pretrain.py",
+        [*PRETRAIN, "--train.max_steps=8", "--model.qk_norm=true", "--model.activation=relu2"],
+        (
+            "{out} was trained with another model than this command asks for (activation='relu2', qk_norm=True)",
+            "to resume it, add --model.activation=gelu --model.qk_norm=false",
+        ),
+        copy_run,
         check=copy_unchanged,
     ),
     Row(

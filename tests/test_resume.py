@@ -331,7 +331,8 @@ def test_resume_with_another_process_count_keeps_tokens_per_step(tmp_path, data_
 
 
 def test_resume_takes_a_changed_learning_rate_from_the_config(tmp_path, data_dir):
-    """Moments and schedule position come from the checkpoint, the hyperparameters from the current command."""
+    """Moments and schedule position come from the checkpoint, the hyperparameters from the current command (and
+    model.dropout, which the weights do not depend on)."""
     run_dir = tmp_path / "run"
     first = run(
         pretrain_cmd(
@@ -348,6 +349,7 @@ def test_resume_takes_a_changed_learning_rate_from_the_config(tmp_path, data_dir
             "--train.lr_decay=constant",
             "--train.lr=1e-3",
             "--train.weight_decay=0.0",
+            "--model.dropout=0.1",
         )
     )
     assert more.returncode == 0, more.stderr
