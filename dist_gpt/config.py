@@ -111,6 +111,10 @@ class DataConfig:
     prefetch_shards: int = opt(2, "fetched shards: how many to fetch ahead of the one being read")
 
 
+# model keys a resumed run or a finetune may set anew: they do not change what trained weights compute
+MODEL_KEYS_FREE = ("dropout", "attn_impl")
+
+
 @dataclass
 class GPTConfig:
     """The model's shape and the lecture's switches. `GPT(GPTConfig(...))` builds it."""

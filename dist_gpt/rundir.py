@@ -35,7 +35,7 @@ from dist_gpt.checkpoint import (
     read_train_state,
     save_weights,
 )
-from dist_gpt.config import Config, GPTConfig, read_saved_config, save_config
+from dist_gpt.config import MODEL_KEYS_FREE, Config, GPTConfig, read_saved_config, save_config
 from dist_gpt.errors import UserError
 from dist_gpt.io import FileLock, atomic_write_json, read_json
 from dist_gpt.model import GPT
@@ -54,8 +54,6 @@ SAMPLES = "samples.jsonl"
 CHECKPOINTS = "checkpoints"
 PROFILE = "profile"
 REPO = Path(__file__).resolve().parents[1]
-# model keys a resumed run may change: they do not change what the trained weights compute
-RESUME_FREE = ("dropout", "attn_impl", "init", "zero_init_proj")
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -79,11 +77,6 @@ def read_marker(path: Path) -> dict[str, Any]:
 def stage_of(path: Path) -> str:
     """ "pretrain" or "finetune" for an existing run."""
     return read_marker(path).get("stage") or ("finetune" if (path / PARENT).is_file() else "pretrain")
-
-
-def cli_value(value: Any) -> str:
-    """A config value as the command line writes it (true/false for booleans)."""
-    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def read_config(run_dir: str | Path) -> Config:
@@ -249,13 +242,14 @@ class RunDir:
         changed = [
             f.name
             for f in fields(saved)
-            if f.name not in RESUME_FREE
+            if f.name not in MODEL_KEYS_FREE
             and getattr(model, f.name) != getattr(saved, f.name)
             and not (f.name == "vocab_size" and model.vocab_size == 0)  # 0: the tokenizer's, checked below
         ]
         if changed:
             ours = ", ".join(f"{k}={getattr(model, k)!r}" for k in changed)
-            theirs = " ".join(f"--model.{k}={cli_value(getattr(saved, k))}" for k in changed)
+            runs = {k: getattr(saved, k) for k in changed}
+            theirs = " ".join(f"--model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in runs.items())
             raise UserError(
                 f"{self.path} was trained with another model than this command asks for ({ours}); to resume it, add {theirs} "
                 "(its config.yaml has them), or choose another --run.out_dir"

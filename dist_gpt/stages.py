@@ -24,7 +24,7 @@ from dist_gpt import lora
 from dist_gpt.batches import load_meta, open_split
 from dist_gpt.checkpoint import TrainState, read_train_state
 from dist_gpt.cli import config_path, parse_stage_args
-from dist_gpt.config import Config, GPTConfig
+from dist_gpt.config import MODEL_KEYS_FREE, Config, GPTConfig
 from dist_gpt.errors import UserError
 from dist_gpt.model import GPT
 from dist_gpt.prepare import prepare
@@ -193,7 +193,6 @@ examples:
 --debug shows the full traceback of an error.
 """
 
-SHAPE_FREE = ("dropout",)  # model keys a finetune may change: they are not part of the weights' shape or function
 # what the checkpoint's model, optimizer and data were built for
 RESUME_KEYS = (
     "kind",
@@ -240,9 +239,8 @@ def adopt_parent(cfg: Config, parent: Parent) -> None:
     """Give `cfg` the parent's model and tokenizer; a key the user set that contradicts them is a UserError."""
     for key, value in dataclasses.asdict(parent.config).items():
         mine = getattr(cfg.model, key)
-        # 0: the tokenizer's; the kernel is not the model's shape
-        auto = (key == "vocab_size" and mine == 0) or (key == "attn_impl")
-        if f"model.{key}" in cfg.explicit and key not in SHAPE_FREE and mine != value and not auto:
+        auto = key == "vocab_size" and mine == 0  # 0: the tokenizer's
+        if f"model.{key}" in cfg.explicit and key not in MODEL_KEYS_FREE and mine != value and not auto:
             raise UserError(
                 f"model.{key}={mine!r} contradicts the parent {cfg.finetune.init_from}, which has model.{key}={value!r}: "
                 f"a finetune keeps the parent's shape; remove model.{key} from the config and the command line (only model.dropout may change)"
