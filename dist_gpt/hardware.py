@@ -16,7 +16,7 @@ CPU. bf16 instructions are AVX512-BF16 or AMX-BF16 (x86) or BF16 (Arm). Without 
 matmuls, about 14x slower than fp32 on an AVX2 AMD EPYC, so auto keeps fp32 there, Muon orthogonalises in
 fp32, and only the attention kernel is measured (in fp32). With them, or where the CPU's flags cannot be
 read, a probe of a few tenths of a second times the MLP sublayer and the attention sublayer of this model,
-forward + backward, in fp32 and bf16 and with both attention kernels, and the fastest estimated training
+forward + backward on about PROBE_TOKENS tokens, in fp32 and bf16 and with both attention kernels, and the fastest estimated training
 step wins: bf16 must be at least BF16_MARGIN faster, matmul attention MATMUL_MARGIN faster than SDPA.
 The decision is cached per machine in $XDG_CACHE_HOME/dist_gpt/hardware.json (~/.cache/dist_gpt/ without
 XDG_CACHE_HOME), keyed by CPU model, flags, torch version, thread count and the model's shapes; a corrupt or
@@ -58,8 +58,11 @@ PROBE_ENV = "DIST_GPT_PROBE"
 BF16_MARGIN = 1.15  # bf16 must be this much faster than fp32 (the estimated step) to be chosen
 MATMUL_MARGIN = 1.1  # matmul attention must be this much faster than SDPA (which needs less memory)
 PROBE_BUDGET_S = 0.3  # measuring stops starting new timed runs after this; a probe this slow in fp32 is abandoned
-MLP_PROBE_ROWS = 256  # tokens in the MLP probe (its cost is linear in tokens)
+PROBE_TOKENS = 1024  # tokens per probe call (whole sequences, at most a batch): fewer let fixed per-call costs,
+# larger in bf16 (casts, small kernels), dominate the estimate; 1 sequence of the 4 x 128 speedrun model timed
+# bf16 at 0.32x fp32 on an AVX512-BF16 EPYC where its real step ran 1.78x faster (BENCHMARKS.md, machine C)
 CACHE_ENTRIES = 32  # decisions kept in the cache file, newest last
+PROBE_VERSION = 2  # in the cache key: decisions of an earlier probe (1: one sequence, timed warm-up) are measured again
 NS_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -307,17 +310,15 @@ def _by_capability(model: GPTConfig, info: CpuInfo, choice: str, precisions: lis
 
 
 def _seconds(fn: Callable[[], None], deadline: float, give_up_after: float = math.inf) -> float:
-    """Fastest of up to 3 timed calls of fn() after one warm-up call; the warm-up's time alone if it took over give_up_after."""
-    start = time.perf_counter()
-    fn()  # warm-up: allocations, kernel selection
-    best = time.perf_counter() - start
-    if best > give_up_after:
-        return best
+    """Fastest of up to 3 timed calls of fn() after an untimed warm-up call (allocations, kernel creation);
+    the first timed call's time alone if it took over give_up_after."""
+    fn()
+    best = math.inf
     for _ in range(3):
         start = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - start)
-        if time.perf_counter() > deadline:
+        if best > give_up_after or time.perf_counter() > deadline:
             break
     return best
 
@@ -346,18 +347,19 @@ def _by_probe(
 ) -> Decisions | None:
     """Time the model's own attention and MLP sublayers, forward + backward; None if the first attention run exceeds the budget.
 
-    Estimated step time per layer: B * attn(precision, kernel), timed on one sequence (1, T, C), + B*T/R * mlp(precision),
-    timed on R tokens. The MLP runs only when precisions are compared or for Muon: its bf16/fp32 speed ratio, matmuls of
-    the same widths, also decides the Newton-Schulz dtype.
+    Both run on the same b whole sequences (b*T about PROBE_TOKENS, at most the batch), and the estimated step time per
+    layer is B/b * (attn(precision, kernel) + mlp(precision)). The MLP runs only when precisions are compared or for
+    Muon: its bf16/fp32 speed ratio, matmuls of the same widths, also decides the Newton-Schulz dtype.
     """
     B, T, C = train.batch_size, model.block_size, model.n_embd
+    b = max(1, min(B, PROBE_TOKENS // T))
     start = time.perf_counter()
     deadline = start + PROBE_BUDGET_S
     attn: dict[tuple[str, str], float] = {}
     mlp: dict[str, float] = {}
     with torch.random.fork_rng(devices=[]), torch.enable_grad():  # dropout draws must not move the training RNG
         torch.manual_seed(0)
-        x = torch.randn(1, T, C, requires_grad=True)  # one sequence: attention's cost depends on T
+        x = torch.randn(b, T, C, requires_grad=True)
         for precision in precisions:
             for impl in impls:
                 layer = CausalSelfAttention(dataclasses.replace(model, attn_impl=impl)).train()
@@ -366,15 +368,14 @@ def _by_probe(
                 if len(attn) == 1 and attn[precision, impl] > PROBE_BUDGET_S:
                     return None
         if len(precisions) > 1 or probe_ns:
-            rows = torch.randn(1, min(MLP_PROBE_ROWS, B * T), C, requires_grad=True)
             for precision in ("no", "bf16"):
                 mlp[precision] = _seconds(
-                    _fwd_bwd(MLP(model).train(), rows, precision), deadline, 3 * mlp.get("no", math.inf)
+                    _fwd_bwd(MLP(model).train(), x, precision), deadline, 3 * mlp.get("no", math.inf)
                 )
     took = time.perf_counter() - start
 
     def step(precision: str, impl: str) -> float:
-        return B * attn[precision, impl] + (B * T / min(MLP_PROBE_ROWS, B * T)) * mlp.get(precision, 0.0)
+        return B / b * (attn[precision, impl] + mlp.get(precision, 0.0))
 
     def best_impl(precision: str) -> str:
         if len(impls) == 1:
@@ -425,6 +426,7 @@ def _cache_key(
         for k in ("block_size", "n_embd", "n_head", "mlp_ratio", "activation", "dropout", "bias", "qk_norm", "pos_emb")
     }
     facts = {
+        "probe": PROBE_VERSION,
         "cpu": info.name,
         "flags": hashlib.sha256(" ".join(sorted(info.flags)).encode()).hexdigest()[:16],
         "forced": info.forced,

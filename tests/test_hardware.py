@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,52 @@ def test_probe_compares_precisions_where_bf16_may_be_native(monkeypatch, tmp_pat
         "no",
         torch.float32,
     ) and "precision fp32: bf16 only 1.05x its speed (needs 1.15x)" in d.reasons[0]
+
+
+def test_probe_times_whole_batches_of_about_probe_tokens(monkeypatch, tmp_path):
+    """Per-call costs that do not grow with the batch must not be multiplied up: the probe runs b sequences, not one."""
+    fake_cpu(monkeypatch, tmp_path, XEON)
+    shapes = []
+    real_fwd_bwd = hw._fwd_bwd
+    monkeypatch.setattr(
+        hw, "_fwd_bwd", lambda module, x, precision: shapes.append(tuple(x.shape)) or real_fwd_bwd(module, x, precision)
+    )
+    hw.decide(small_model(attn_impl="auto"), train_cfg(optimizer="muon"), "cpu")  # batch 4 of 16 tokens: all of it
+    assert set(shapes) == {(4, 16, 32)} and len(shapes) == 6  # 2 precisions x 2 kernels, then the MLP in both
+    shapes.clear()
+    hw.decide(small_model(attn_impl="auto"), train_cfg(batch_size=1000), "cpu")  # a large batch: PROBE_TOKENS of it
+    assert set(shapes) == {(hw.PROBE_TOKENS // 16, 16, 32)}
+    shapes.clear()
+    hw.decide(small_model(attn_impl="auto", block_size=4 * hw.PROBE_TOKENS), train_cfg(batch_size=2), "cpu")
+    assert set(shapes) == {(1, 4 * hw.PROBE_TOKENS, 32)}  # a sequence longer than PROBE_TOKENS: one
+
+
+def test_probe_timing_leaves_out_the_warm_up_and_gives_up_on_a_slow_candidate():
+    calls = []
+
+    def slow_first_call():  # kernel creation on the first call, as oneDNN's bf16 primitives on some CPUs
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.2)
+
+    assert hw._seconds(slow_first_call, deadline=time.perf_counter() + 10) < 0.1 and len(calls) == 4
+    calls.clear()
+    assert hw._seconds(lambda: calls.append(time.sleep(0.02)), time.perf_counter() + 10, give_up_after=0.001) >= 0.02
+    assert len(calls) == 2  # the warm-up and one timed call, no more
+
+
+def test_a_decision_of_an_earlier_probe_version_is_measured_again(monkeypatch, tmp_path):
+    fake_cpu(monkeypatch, tmp_path, XEON)
+    calls = []
+    real = hw._by_probe
+    monkeypatch.setattr(hw, "_by_probe", lambda *a: calls.append(1) or real(*a))
+    model, train = small_model(attn_impl="auto"), train_cfg()
+    hw.decide(model, train, "cpu")
+    hw.decide(model, train, "cpu")
+    assert len(calls) == 1
+    monkeypatch.setattr(hw, "PROBE_VERSION", hw.PROBE_VERSION + 1)
+    hw.decide(model, train, "cpu")
+    assert len(calls) == 2
 
 
 def test_forced_bf16_on_a_cpu_without_bf16_warns_once_with_the_fix(monkeypatch, tmp_path):
