@@ -39,6 +39,14 @@ def clean_env(tmp_path, monkeypatch):
     monkeypatch.delenv(hw.PROBE_ENV, raising=False)
 
 
+def record_probes(monkeypatch) -> list[tuple]:
+    """The arguments of every probe decide() runs from now on (the probe still runs)."""
+    calls = []
+    real = hw._by_probe
+    monkeypatch.setattr(hw, "_by_probe", lambda *a: calls.append(a) or real(*a))
+    return calls
+
+
 def fake_cpu(monkeypatch, tmp_path, text: str) -> None:
     path = tmp_path / "cpuinfo"
     path.write_text(text)
@@ -117,11 +125,9 @@ def test_forced_fast_bf16_gives_bf16_matmul_and_bf16_newton_schulz(monkeypatch):
 
 def test_no_bf16_cpu_measures_the_attention_kernel_in_fp32_only(monkeypatch, tmp_path):
     fake_cpu(monkeypatch, tmp_path, EPYC)
-    seen = []
-    real = hw._by_probe
-    monkeypatch.setattr(hw, "_by_probe", lambda *a: seen.append(a[4:]) or real(*a))
+    calls = record_probes(monkeypatch)
     d = hw.decide(small_model(attn_impl="auto"), train_cfg(optimizer="muon"), "cpu")
-    assert seen == [(["no"], ["sdpa", "matmul"], False)]
+    assert [a[4:] for a in calls] == [(["no"], ["sdpa", "matmul"], False)]
     assert d.precision == "no" and d.ns_dtype == torch.float32 and d.attn_impl in ("sdpa", "matmul")
     assert (
         d.reasons[1].startswith(f"attention {d.attn_impl}: ")
@@ -193,9 +199,7 @@ def test_probe_timing_leaves_out_the_warm_up_and_gives_up_on_a_slow_candidate():
 
 def test_a_decision_of_an_earlier_probe_version_is_measured_again(monkeypatch, tmp_path):
     fake_cpu(monkeypatch, tmp_path, XEON)
-    calls = []
-    real = hw._by_probe
-    monkeypatch.setattr(hw, "_by_probe", lambda *a: calls.append(1) or real(*a))
+    calls = record_probes(monkeypatch)
     model, train = small_model(attn_impl="auto"), train_cfg()
     hw.decide(model, train, "cpu")
     hw.decide(model, train, "cpu")
@@ -240,9 +244,7 @@ def test_probe_leaves_the_training_rng_alone(monkeypatch, tmp_path):
 
 def test_cache_hit_miss_and_corrupt_cache(monkeypatch, tmp_path):
     fake_cpu(monkeypatch, tmp_path, EPYC)
-    calls = []
-    real = hw._by_probe
-    monkeypatch.setattr(hw, "_by_probe", lambda *a: calls.append(1) or real(*a))
+    calls = record_probes(monkeypatch)
     model, train = small_model(attn_impl="auto"), train_cfg()
     first = hw.decide(model, train, "cpu")  # miss: measures and writes
     assert len(calls) == 1 and hw.cache_path().is_file()
