@@ -75,7 +75,7 @@ python launch/prepare.py "${DG_ARGS[@]}" >"$OUT/dist_gpt_prepare.log" 2>&1 || { 
 
 FLAGS=$(grep -m1 -E '^(flags|Features)' /proc/cpuinfo | tr ' ' '\n' | grep -x -E 'avx2|avx512f|avx512_bf16|amx_bf16|amx_tile|bf16' | paste -sd, - || true)
 echo "# nanoGPT vs dist_gpt ($MODE$( ((QUICK)) && echo ', --quick: not a measurement')): $(date -u +%Y-%m-%dT%H:%MZ)"
-echo "# CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(getconf _NPROCESSORS_ONLN) cores, flags: ${FLAGS:-none of avx2/avx512f/avx512_bf16/amx_bf16}"
+echo "# CPU: $(python -m dist_gpt.hardware), $(getconf _NPROCESSORS_ONLN) cores, flags: ${FLAGS:-none of avx2/avx512f/avx512_bf16/amx_bf16}"
 echo "# bf16 instructions: $(grep -q -w -E 'avx512_bf16|amx_bf16|bf16' /proc/cpuinfo && echo yes || echo 'no (bf16 is emulated)')," \
     "torch $(python -c 'import torch; print(torch.__version__)'), OMP_NUM_THREADS=$OMP_NUM_THREADS (both sides)"
 echo "# nanoGPT $(cut -c1-12 "$NANOGPT/COMMIT" 2>/dev/null || echo '?'): python train.py ${NG_ARGS[*]}"

@@ -23,7 +23,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -157,17 +156,6 @@ def run_child(job: dict, env: dict) -> dict:
     return {**json.loads(stdout.strip().splitlines()[-1]), "private_mb": peak[0] / 1024}
 
 
-def cpu_model() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    bf16 = [f for f in flags if "bf16" in f]
-    return f"{name}, {os.cpu_count()} CPUs, bf16 flags: {' '.join(bf16) or 'none'}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -204,8 +192,10 @@ def main() -> None:
         bpe_file = root / "bpe_tokenizer.json"
         if "bpe" in args.kinds:
             run_child({"method": "train_bpe", "out": str(bpe_file)}, env)
+        from dist_gpt.hardware import cpu_info  # here: the measured children import dist_gpt, the parent need not
+
         print(
-            f"# streaming sharded prepare, {time.strftime('%Y-%m-%d')}; {cpu_model()}; Python {sys.version.split()[0]}\n",
+            f"# streaming sharded prepare, {time.strftime('%Y-%m-%d')}; {cpu_info().describe()}, {os.cpu_count()} CPUs; Python {sys.version.split()[0]}\n",
             flush=True,
         )
         print(

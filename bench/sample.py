@@ -10,26 +10,15 @@ Repeats alternate between the two modes so that background load hits both alike.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 
+from dist_gpt.hardware import cpu_info
 from dist_gpt.model import GPT, GPTConfig
 
 LECTURE = dict(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def time_generate(model: GPT, max_new_tokens: int, use_cache: bool, seed: int) -> tuple[float, torch.Tensor]:
@@ -67,7 +56,7 @@ def main() -> None:
         f"lecture model {model.num_params(non_embedding=False):,} parameters (6 layers x 6 heads x 384, block 256, vocab 65), random weights"
     )
     print(
-        f"{n} new tokens from a 1-token prompt, {args.repeats} repeats, torch {torch.__version__}, {torch.get_num_threads()} thread(s), {cpu_name()}"
+        f"{n} new tokens from a 1-token prompt, {args.repeats} repeats, torch {torch.__version__}, {torch.get_num_threads()} thread(s), {cpu_info().describe()}"
     )
     print(f"cached and recomputed samples identical: {same}")
     print()

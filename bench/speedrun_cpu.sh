@@ -28,7 +28,7 @@ ARGS+=("$@")
 mkdir -p "$OUT"
 python launch/prepare.py "${ARGS[@]}" >"$OUT/prepare.log" 2>&1 || { cat "$OUT/prepare.log"; exit 1; }
 
-echo "# CPU speedrun: $(date -u +%Y-%m-%dT%H:%MZ), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(getconf _NPROCESSORS_ONLN) cores," \
+echo "# CPU speedrun: $(date -u +%Y-%m-%dT%H:%MZ), $(python -m dist_gpt.hardware), $(getconf _NPROCESSORS_ONLN) cores," \
     "torch $(python -c 'import torch; print(torch.__version__)'), OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}, commit $(git rev-parse --short HEAD 2>/dev/null || echo none)$(git diff --quiet 2>/dev/null || echo '+changes')"
 echo "# python launch/pretrain.py ${ARGS[*]}"
 echo

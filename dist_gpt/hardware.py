@@ -99,16 +99,16 @@ class CpuInfo:
 
 
 def parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
-    """The first processor's model name and flags (x86 `flags`, Arm `Features`) from /proc/cpuinfo's text."""
-    name, flags = "", frozenset()
+    """The first processor's name and flags (x86 `flags`, Arm `Features`) from /proc/cpuinfo's text; on x86 the
+    name ends with the family and model numbers, which tell apart CPUs sold under one name ('AMD EPYC')."""
+    fields: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key == "model name" and not name:
-            name = value.strip()
-        elif key in ("flags", "features") and not flags:
-            flags = frozenset(value.split())
-    return name, flags
+        fields.setdefault(key.strip().lower(), value.strip())  # the first processor's value of each key
+    name = fields.get("model name", "")
+    if name and fields.get("cpu family") and fields.get("model"):
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name, frozenset((fields.get("flags") or fields.get("features") or "").split())
 
 
 def cpu_info(cpuinfo_path: str = "/proc/cpuinfo") -> CpuInfo:
@@ -470,3 +470,7 @@ def _cache_write(key: str, d: Decisions) -> None:
     entries[key] = {**d.to_dict(), "warnings": []}
     with contextlib.suppress(OSError, UserError):  # a cache we cannot write only costs a probe next time
         atomic_write_json(cache_path(), {"entries": dict(list(entries.items())[-CACHE_ENTRIES:])})
+
+
+if __name__ == "__main__":  # one line naming this CPU and its bf16 instructions, for benchmark headers
+    print(cpu_info().describe())

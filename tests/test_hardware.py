@@ -20,6 +20,7 @@ from dist_gpt.model import GPT
 EPYC = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse sse2 avx avx2 fma\n\nprocessor\t: 1\nmodel name\t: other\n"
 XEON = "model name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
 SKYLAKE = "model name\t: Intel(R) Xeon(R) Gold 6148\nflags\t\t: fpu avx2 avx512f avx512bw\n"
+ZEN5 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\nflags\t\t: avx2 avx512f avx512_bf16\n"
 GRAVITON = "processor\t: 0\nBogoMIPS\t: 2100.00\nFeatures\t: fp asimd sve bf16 i8mm\nCPU implementer\t: 0x41\n"
 
 
@@ -68,6 +69,7 @@ def fake_cpu(monkeypatch, tmp_path, text: str) -> None:
             False,
             "Intel(R) Xeon(R) Gold 6148: AVX-512 without BF16, so no bf16 instructions",
         ),
+        (ZEN5, "AMD EPYC (family 26, model 2)", True, "AMD EPYC (family 26, model 2): AVX512-BF16"),
         (GRAVITON, None, True, ": BF16"),
     ],
 )
@@ -79,6 +81,13 @@ def test_cpu_info_reads_bf16_flags(tmp_path, text, name, native, described):
     if name:
         assert info.name == name
     assert info.describe().endswith(described)
+
+
+def test_module_prints_this_cpu_for_benchmark_headers():
+    out = subprocess.run(
+        [sys.executable, "-m", "dist_gpt.hardware"], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    assert out.stdout.strip() == hw.cpu_info().describe() and out.stdout.count("\n") == 1
 
 
 def test_cpu_bf16_switch_overrides_the_flags(tmp_path, monkeypatch):
