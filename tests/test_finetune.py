@@ -19,7 +19,7 @@ from dist_gpt.config import GPTConfig, load_config
 from dist_gpt.errors import UserError
 from dist_gpt.model import GPT, IGNORE_INDEX
 from dist_gpt.prepare import prepare
-from dist_gpt.rundir import load_run
+from dist_gpt.rundir import load_run, read_config
 from dist_gpt.stages import adopt_parent, check_prepared_tokenizer, finetune, finetune_job, freeze_bottom, load_parent
 from dist_gpt.tokenizers import RESPONSE_END, CharTokenizer, render_prompt, render_response
 
@@ -75,19 +75,23 @@ def test_text_finetune_starts_from_the_parent_and_learns(parent, tmp_path, sonne
     assert "3 characters outside the vocabulary dropped (data.unknown=drop): '(', ')'" in out.stderr
     run_dir = tmp_path / "run"
 
-    # step 0 is the parent itself: its loss on the Sonnets' val batches, to the last bit
+    # step 0 is the parent itself: its loss on the Sonnets' val batches, to the last bit, computed with the precision
+    # and attention kernel the run resolved (auto: bf16 and matmul attention on a CPU with bf16 instructions)
     rows = evals(run_dir)
-    ref = load_run(parent).model
+    resolved = read_config(run_dir)
+    ref = GPT(dataclasses.replace(load_run(parent).config.model, attn_impl=resolved.model.attn_impl)).eval()
+    ref.load_state_dict(load_run(parent).model.state_dict())
     val = open_split(tmp_path / "data", "val")
-    with torch.no_grad():
-        losses = [ref(x, y)[1] for x, y in eval_batches(val, 96, 32, 4, seed=1337)]
+    bf16 = resolved.train.mixed_precision == "bf16"
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        losses = [ref(x, y)[1].float() for x, y in eval_batches(val, 96, 32, 4, seed=1337)]
     assert rows[0]["step"] == 0 and rows[0]["val_loss"] == torch.stack(losses).mean().item()
     assert rows[-1]["step"] == 20 and rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.05
 
-    # the shape and the tokenizer are the parent's; dropout is the config's 0.1
+    # the shape and the tokenizer are the parent's; dropout is the config's 0.1, the attention kernel decided anew
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     theirs = yaml.safe_load((parent / "config.yaml").read_text())
-    assert saved["model"] == {**theirs["model"], "dropout": 0.1}
+    assert saved["model"] == {**theirs["model"], "dropout": 0.1, "attn_impl": resolved.model.attn_impl}
     assert (saved["data"]["tokenizer"], saved["data"]["vocab_size"]) == ("char", 65)
     assert (run_dir / "tokenizer.json").read_bytes() == (parent / "tokenizer.json").read_bytes()
 
