@@ -472,5 +472,18 @@ def _cache_write(key: str, d: Decisions) -> None:
         atomic_write_json(cache_path(), {"entries": dict(list(entries.items())[-CACHE_ENTRIES:])})
 
 
-if __name__ == "__main__":  # one line naming this CPU and its bf16 instructions, for benchmark headers
+def _print_cpu(args: list[str]) -> None:
+    from dist_gpt.cli import ArgParser  # only the command line needs it
+
+    ArgParser(
+        prog="python -m dist_gpt.hardware",
+        description="Print one line naming this CPU and its bf16 instructions, as auto and the benchmarks see it "
+        f"({CPU_BF16_ENV}=0|1 applied).",
+    ).parse_args(args)
     print(cpu_info().describe())
+
+
+if __name__ == "__main__":
+    from dist_gpt.cli import main
+
+    main(_print_cpu)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -88,6 +89,18 @@ def test_module_prints_this_cpu_for_benchmark_headers():
         [sys.executable, "-m", "dist_gpt.hardware"], capture_output=True, text=True, cwd=REPO, check=True
     )
     assert out.stdout.strip() == hw.cpu_info().describe() and out.stdout.count("\n") == 1
+    bad = subprocess.run(
+        [sys.executable, "-m", "dist_gpt.hardware"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, hw.CPU_BF16_ENV: "yes"},
+    )
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert (
+        bad.stderr
+        == "error: DIST_GPT_CPU_BF16 must be 0 (no bf16 instructions) or 1 (fast bf16), got 'yes'; unset it to detect\n"
+    )
 
 
 def test_cpu_bf16_switch_overrides_the_flags(tmp_path, monkeypatch):
