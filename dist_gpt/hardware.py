@@ -382,7 +382,8 @@ def _by_probe(
             return impls[0]
         return "matmul" if attn[precision, "sdpa"] >= MATMUL_MARGIN * attn[precision, "matmul"] else "sdpa"
 
-    where = f"a {took:.2f} s probe of this model's attention and MLP sublayers ({info.describe()})"
+    sublayers = "attention and MLP sublayers" if mlp else "attention sublayer"
+    where = f"a {took:.2f} s probe of this model's {sublayers} ({info.describe()})"
     if len(precisions) > 1:
         speedup = step("no", best_impl("no")) / step("bf16", best_impl("bf16"))
         precision = "bf16" if speedup >= BF16_MARGIN else "no"

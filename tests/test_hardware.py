@@ -154,6 +154,7 @@ def test_no_bf16_cpu_measures_the_attention_kernel_in_fp32_only(monkeypatch, tmp
     assert (
         d.reasons[1].startswith(f"attention {d.attn_impl}: ")
         and "forward + backward at (4, 2, 16, 16) in fp32" in d.reasons[1]
+        and " s probe of this model's attention sublayer (AMD EPYC: AVX2" in d.reasons[1]
     )
 
 
