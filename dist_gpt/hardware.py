@@ -16,8 +16,9 @@ CPU. bf16 instructions are AVX512-BF16 or AMX-BF16 (x86) or BF16 (Arm). Without 
 matmuls, about 14x slower than fp32 on an AVX2 AMD EPYC, so auto keeps fp32 there, Muon orthogonalises in
 fp32, and only the attention kernel is measured (in fp32). With them, or where the CPU's flags cannot be
 read, a probe of a few tenths of a second times the MLP sublayer and the attention sublayer of this model,
-forward + backward on about PROBE_TOKENS tokens, in fp32 and bf16 and with both attention kernels, and the fastest estimated training
-step wins: bf16 must be at least BF16_MARGIN faster, matmul attention MATMUL_MARGIN faster than SDPA.
+forward + backward on about PROBE_TOKENS tokens, in fp32 and bf16 and with both attention kernels, and the
+fastest estimated training step wins: bf16 must be at least BF16_MARGIN faster, matmul attention
+MATMUL_MARGIN faster than SDPA.
 The decision is cached per machine in $XDG_CACHE_HOME/dist_gpt/hardware.json (~/.cache/dist_gpt/ without
 XDG_CACHE_HOME), keyed by CPU model, flags, torch version, thread count and the model's shapes; a corrupt or
 unwritable cache is ignored. Delete the file to measure again.
