@@ -5,7 +5,7 @@
 
 Times one attention sublayer (SDPA and matmul) and one MLP sublayer of the config's model, forward + backward,
 in fp32 and under bf16 autocast, on b = 1, 2, 4, ... whole sequences up to the batch, with the probe's own
-`_fwd_bwd` (an untimed warm-up call, then the fastest of --repeats calls), and prints each time scaled to the
+`_fwd_bwd` and `_seconds` (an untimed warm-up call, then the fastest of 3 timed calls), and prints each time scaled to the
 batch (B / b times the measured one) with the bf16 / fp32 speed ratio of the estimated step. Where a small b
 gives another ratio than the whole batch, per-call costs that do not grow with b (casts, kernel set-up) are
 being multiplied up: that is what hardware.PROBE_TOKENS guards against.
@@ -15,30 +15,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
+import math
 
 import torch
 
 from dist_gpt.config import load_config
-from dist_gpt.hardware import PROBE_TOKENS, _fwd_bwd, cpu_info
+from dist_gpt.hardware import PROBE_TOKENS, _fwd_bwd, _seconds, cpu_info
 from dist_gpt.model import MLP, CausalSelfAttention
-
-
-def fastest(fn, repeats: int) -> float:
-    fn()  # warm-up, as the probe does
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/speedrun_cpu.yaml")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -60,8 +49,8 @@ def main() -> None:
         for precision in ("no", "bf16"):
             for impl in ("sdpa", "matmul"):
                 layer = CausalSelfAttention(dataclasses.replace(model, attn_impl=impl)).train()
-                ms[precision, impl] = fastest(_fwd_bwd(layer, x, precision), args.repeats) * B / b * 1e3
-            ms[precision, "mlp"] = fastest(_fwd_bwd(MLP(model).train(), x, precision), args.repeats) * B / b * 1e3
+                ms[precision, impl] = _seconds(_fwd_bwd(layer, x, precision), math.inf) * B / b * 1e3
+            ms[precision, "mlp"] = _seconds(_fwd_bwd(MLP(model).train(), x, precision), math.inf) * B / b * 1e3
         step = {p: min(ms[p, "sdpa"], ms[p, "matmul"]) + ms[p, "mlp"] for p in ("no", "bf16")}
         cells = " | ".join(
             f"{ms[k]:.1f}"

@@ -248,8 +248,8 @@ class RunDir:
         ]
         if changed:
             ours = ", ".join(f"{k}={getattr(model, k)!r}" for k in changed)
-            runs = {k: getattr(saved, k) for k in changed}
-            theirs = " ".join(f"--model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in runs.items())
+            values = [(k, getattr(saved, k)) for k in changed]
+            theirs = " ".join(f"--model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values)
             raise UserError(
                 f"{self.path} was trained with another model than this command asks for ({ours}); to resume it, add {theirs} "
                 "(its config.yaml has them), or choose another --run.out_dir"

@@ -243,7 +243,7 @@ def adopt_parent(cfg: Config, parent: Parent) -> None:
         if f"model.{key}" in cfg.explicit and key not in MODEL_KEYS_FREE and mine != value and not auto:
             raise UserError(
                 f"model.{key}={mine!r} contradicts the parent {cfg.finetune.init_from}, which has model.{key}={value!r}: "
-                f"a finetune keeps the parent's shape; remove model.{key} from the config and the command line (only model.dropout may change)"
+                f"a finetune keeps the parent's shape; remove model.{key} from the config and the command line (only model.dropout and model.attn_impl may change)"
             )
     dropout = cfg.model.dropout if "model.dropout" in cfg.explicit else parent.config.dropout
     # the kernel: decided on this machine

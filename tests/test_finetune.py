@@ -255,7 +255,7 @@ def test_contradicting_shape_is_one_line_error(parent, tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == (
         f"error: model.n_layer=3 contradicts the parent {parent}, which has model.n_layer=2: a finetune keeps the parent's shape; "
-        "remove model.n_layer from the config and the command line (only model.dropout may change)"
+        "remove model.n_layer from the config and the command line (only model.dropout and model.attn_impl may change)"
     )
     assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()
 
